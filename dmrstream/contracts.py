@@ -1,0 +1,282 @@
+"""Event contracts of SPEC section 3: typed structures, strict JSON encode/decode, validation.
+
+Every message is one UTF-8 JSON object with a ``schema`` version. Decoding is strict (unknown
+fields, wrong types, out-of-bound values are errors) and never raises anything but
+:class:`ContractError`, whose ``reason`` is what goes into the dead-letter envelope.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1
+
+# Static bounds; the per-deployment ones (message size, list lengths, timestamps) come from
+# ``LimitSettings`` and are checked in :class:`Codec`.
+_MAX_INT_ID = (1 << 63) - 1
+IntId = Annotated[int, Meta(ge=0, le=_MAX_INT_ID)]
+StrId = Annotated[str, Meta(min_length=1, max_length=512)]
+Id = Union[IntId, StrId]
+Ts = Annotated[int, Meta(ge=0, le=(1 << 53))]
+FiniteFloat = Annotated[float, Meta(ge=-1e30, le=1e30)]  # also rejects inf; NaN is not JSON
+Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
+ShortStr = Annotated[str, Meta(max_length=256)]
+Scalar = Union[int, FiniteFloat, ShortStr, bool]
+FieldMap = dict[Annotated[str, Meta(min_length=1, max_length=64)], Scalar]
+Behavior = Literal["click", "cart", "fav", "buy"]
+BEHAVIORS: tuple[str, ...] = ("click", "cart", "fav", "buy")
+
+
+class ContractError(ValueError):
+    """A message that does not parse or violates its contract. ``reason`` is short and stable."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Event(Struct, forbid_unknown_fields=True, kw_only=True):
+    schema: Literal[1] = SCHEMA_VERSION
+
+
+class Impression(_Event, kw_only=True):
+    """An item shown to a user (a training sample once its label is known)."""
+
+    event_id: StrId
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    ts: Ts
+    request_id: StrId | None = None
+    position: Annotated[int, Meta(ge=0, le=10_000)] | None = None
+    context: FieldMap | None = None
+    user_profile: FieldMap | None = None
+    item_features: FieldMap | None = None
+    # Set by the simulator only: the true click probability (oracle AUC). Models never read it.
+    true_ctr: Prob | None = None
+    # Set by replay for negatives it sampled (Taobao UserBehavior has no real non-clicks).
+    sampled: bool = False
+
+
+class Click(_Event, kw_only=True):
+    """A user behaviour on an item: a click by default, or cart/fav/buy."""
+
+    event_id: StrId
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    ts: Ts
+    behavior: Behavior = "click"
+    request_id: StrId | None = None
+
+
+class Candidate(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    item_id: Id
+    category_id: Id
+    item_features: FieldMap | None = None
+
+
+class ScoreRequest(_Event, kw_only=True):
+    request_id: StrId
+    user_id: Id
+    candidates: list[Candidate]
+    ts: Ts
+    context: FieldMap | None = None
+
+
+class ItemScore(Struct, forbid_unknown_fields=True):
+    item_id: Id
+    score: Prob
+
+
+class Score(_Event, kw_only=True):
+    request_id: StrId
+    user_id: Id
+    model_version: Annotated[int, Meta(ge=0)]
+    scores: list[ItemScore]
+    ts: Ts
+    latency_ms: Annotated[float, Meta(ge=0.0, le=1e9)]
+
+
+class Sample(_Event, kw_only=True):
+    """Everything the trainer needs with no further look-up (SPEC section 3).
+
+    The behaviour sequence is stored column-wise, oldest first, as it was strictly before the
+    impression; ``counters`` are the point-in-time real-time counter features.
+    """
+
+    sample_id: StrId
+    event_id: StrId
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    ts: Ts
+    label: Literal[0, 1]
+    hist_item_ids: list[Id] = []
+    hist_category_ids: list[Id] = []
+    hist_behaviors: list[Behavior] = []
+    hist_ts: list[Ts] = []
+    position: Annotated[int, Meta(ge=0, le=10_000)] | None = None
+    context: FieldMap | None = None
+    user_profile: FieldMap | None = None
+    item_features: FieldMap | None = None
+    counters: dict[Annotated[str, Meta(max_length=64)], FiniteFloat] | None = None
+    served_score: Prob | None = None
+    served_version: Annotated[int, Meta(ge=0)] | None = None
+    correction: bool = False
+    sampled: bool = False
+    true_ctr: Prob | None = None
+
+
+class ModelUpdate(_Event, kw_only=True):
+    version: Annotated[int, Meta(ge=1)]
+    kind: Literal["full", "delta"]
+    base_version: Annotated[int, Meta(ge=1)] | None = None
+    uri: Annotated[str, Meta(min_length=1, max_length=4096)]
+    sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    created_at: Ts
+    trained_until_ts: Ts
+    samples_seen: Annotated[int, Meta(ge=0)]
+    metrics: dict[Annotated[str, Meta(max_length=64)], FiniteFloat] = {}
+
+
+class DeadLetter(Struct, kw_only=True, omit_defaults=True):
+    """Envelope for a rejected message: why, where from, and the original bytes (base64 in JSON)."""
+
+    schema: int = SCHEMA_VERSION
+    reason: str
+    component: str
+    source_topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    key: bytes | None = None
+    original: bytes
+    ts: int = 0
+
+
+Contract = Union[Impression, Click, ScoreRequest, Score, Sample, ModelUpdate]
+T = TypeVar("T", Impression, Click, ScoreRequest, Score, Sample, ModelUpdate)
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: Contract) -> bytes:
+    """Compact JSON bytes of an event (the ``type`` tag and ``schema`` included)."""
+    return _encoder.encode(event)
+
+
+class Codec:
+    """Strict decoder for one contract with the deployment's limits.
+
+    ``decode`` returns the typed event or raises :class:`ContractError`; nothing else escapes.
+    """
+
+    def __init__(self, contract: type[T], limits: Any = None):
+        from dmrstream.settings import LimitSettings
+
+        self.contract = contract
+        self.limits = limits or LimitSettings()
+        self._decoder = msgspec.json.Decoder(contract)
+
+    def decode(self, raw: bytes | bytearray | memoryview | None) -> T:
+        if raw is None:
+            raise ContractError("empty: null payload (tombstone)")
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise ContractError(f"type: payload is {type(raw).__name__}, not bytes")
+        if len(raw) > self.limits.max_message_bytes:
+            raise ContractError(f"size: {len(raw)} bytes > {self.limits.max_message_bytes}")
+        if len(raw) == 0:
+            raise ContractError("empty: zero-length payload")
+        try:
+            bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ContractError(f"utf8: invalid UTF-8 at byte {e.start}") from None
+        try:
+            event = self._decoder.decode(raw)
+        except msgspec.ValidationError as e:
+            raise ContractError(f"invalid: {_short(e)}") from None
+        except msgspec.DecodeError as e:
+            raise ContractError(f"malformed: {_short(e)}") from None
+        except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
+            raise ContractError(f"malformed: {type(e).__name__}") from None
+        _check_limits(event, self.limits)
+        return event
+
+
+def _short(e: Exception) -> str:
+    s = str(e)
+    return s if len(s) <= 200 else s[:200] + "..."
+
+
+def _check_id(name: str, value: Any, limits: Any) -> None:
+    if isinstance(value, str) and len(value) > limits.max_id_length:
+        raise ContractError(f"limit: {name} longer than {limits.max_id_length}")
+
+
+def _check_ts(name: str, ts: int, limits: Any) -> None:
+    if not limits.min_ts_ms <= ts <= limits.max_ts_ms:
+        raise ContractError(f"limit: {name}={ts} outside [{limits.min_ts_ms}, {limits.max_ts_ms}] ms")
+
+
+def _check_fields(name: str, fields: dict | None, limits: Any) -> None:
+    if fields is not None and len(fields) > limits.max_fields:
+        raise ContractError(f"limit: {name} has {len(fields)} fields > {limits.max_fields}")
+
+
+def _check_limits(event: Any, limits: Any) -> None:
+    """Deployment bounds msgspec's static types cannot express."""
+    for name in ("user_id", "item_id", "category_id", "event_id", "request_id", "sample_id"):
+        v = getattr(event, name, None)
+        if v is not None:
+            _check_id(name, v, limits)
+    ts = getattr(event, "ts", None)
+    if ts is not None:
+        _check_ts("ts", ts, limits)
+    for name in ("context", "user_profile", "item_features", "counters", "metrics"):
+        _check_fields(name, getattr(event, name, None), limits)
+    if isinstance(event, ScoreRequest):
+        if not event.candidates:
+            raise ContractError("invalid: candidates is empty")
+        if len(event.candidates) > limits.max_candidates:
+            raise ContractError(f"limit: {len(event.candidates)} candidates > {limits.max_candidates}")
+        for c in event.candidates:
+            _check_id("candidates.item_id", c.item_id, limits)
+            _check_id("candidates.category_id", c.category_id, limits)
+            _check_fields("candidates.item_features", c.item_features, limits)
+    elif isinstance(event, Score):
+        if len(event.scores) > limits.max_candidates:
+            raise ContractError(f"limit: {len(event.scores)} scores > {limits.max_candidates}")
+    elif isinstance(event, Sample):
+        n = len(event.hist_item_ids)
+        if n > limits.max_sequence:
+            raise ContractError(f"limit: sequence of {n} > {limits.max_sequence}")
+        if not (len(event.hist_category_ids) == len(event.hist_behaviors) == len(event.hist_ts) == n):
+            raise ContractError("invalid: sequence columns differ in length")
+        for t in event.hist_ts:
+            if t >= event.ts:
+                raise ContractError("invalid: sequence holds a behaviour not strictly before the impression")
+    elif isinstance(event, ModelUpdate):
+        if event.kind == "delta" and event.base_version is None:
+            raise ContractError("invalid: delta without base_version")
+        if event.base_version is not None and event.base_version >= event.version:
+            raise ContractError("invalid: base_version must be older than version")
+        for v in event.metrics.values():
+            if not math.isfinite(v):
+                raise ContractError("invalid: non-finite metric")
+
+
+def dead_letter(reason: str, original: bytes | None, component: str, *, topic: str | None = None,
+                partition: int | None = None, offset: int | None = None, key: bytes | None = None) -> bytes:
+    """Encoded dead-letter envelope for a rejected message."""
+    return _encoder.encode(DeadLetter(
+        reason=reason, component=component, source_topic=topic, partition=partition,
+        offset=offset, key=key, original=bytes(original or b""), ts=int(time.time() * 1000)))
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    return msgspec.json.decode(raw, type=DeadLetter)
