@@ -25,6 +25,8 @@ Id = Union[IntId, StrId]
 Ts = Annotated[int, Meta(ge=0, le=(1 << 53))]
 FiniteFloat = Annotated[float, Meta(ge=-1e30, le=1e30)]  # also rejects inf; NaN is not JSON
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
+Count = Annotated[int, Meta(ge=0, le=(1 << 53))]
+Version = Annotated[int, Meta(ge=1, le=(1 << 53))]
 ShortStr = Annotated[str, Meta(max_length=256)]
 Scalar = Union[int, FiniteFloat, ShortStr, bool]
 FieldMap = dict[Annotated[str, Meta(min_length=1, max_length=64)], Scalar]
@@ -97,7 +99,7 @@ class ItemScore(Struct, forbid_unknown_fields=True):
 class Score(_Event, kw_only=True):
     request_id: StrId
     user_id: Id
-    model_version: Annotated[int, Meta(ge=0)]
+    model_version: Count
     scores: list[ItemScore]
     ts: Ts
     latency_ms: Annotated[float, Meta(ge=0.0, le=1e9)]
@@ -127,21 +129,21 @@ class Sample(_Event, kw_only=True):
     item_features: FieldMap | None = None
     counters: dict[Annotated[str, Meta(max_length=64)], FiniteFloat] | None = None
     served_score: Prob | None = None
-    served_version: Annotated[int, Meta(ge=0)] | None = None
+    served_version: Count | None = None
     correction: bool = False
     sampled: bool = False
     true_ctr: Prob | None = None
 
 
 class ModelUpdate(_Event, kw_only=True):
-    version: Annotated[int, Meta(ge=1)]
+    version: Version
     kind: Literal["full", "delta"]
-    base_version: Annotated[int, Meta(ge=1)] | None = None
+    base_version: Version | None = None
     uri: Annotated[str, Meta(min_length=1, max_length=4096)]
     sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
     created_at: Ts
     trained_until_ts: Ts
-    samples_seen: Annotated[int, Meta(ge=0)]
+    samples_seen: Count
     metrics: dict[Annotated[str, Meta(max_length=64)], FiniteFloat] = {}
 
 
@@ -261,6 +263,7 @@ def _check_limits(event: Any, limits: Any) -> None:
             if t >= event.ts:
                 raise ContractError("invalid: sequence holds a behaviour not strictly before the impression")
     elif isinstance(event, ModelUpdate):
+        _check_ts("created_at", event.created_at, limits)
         if event.kind == "delta" and event.base_version is None:
             raise ContractError("invalid: delta without base_version")
         if event.base_version is not None and event.base_version >= event.version:
