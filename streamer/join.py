@@ -1,0 +1,277 @@
+"""Event-time label join of impressions and clicks (SPEC section 5). Pure logic, no I/O.
+
+One :class:`LabelJoin` per partition. An impression waits up to the attribution window ``W`` of
+event time for its click: matched by ``request_id`` when both carry one, else by (user, item) with
+the nearest earlier impression inside ``W``. A match emits label 1 at once; when the watermark
+passes ``ts + W`` with no click, label 0. Clicks for an impression already emitted as 0 are *late*:
+counted and, optionally, emitted as corrections.
+
+The watermark is the minimum over the inputs (impressions, clicks) of the highest event time seen
+on each, minus the allowed lateness. Taking the minimum, not the overall maximum, keeps a fast
+impressions topic from expiring impressions whose clicks simply have not been fetched yet; an
+input marked idle (no data for a while) drops out of the minimum so the watermark still advances.
+
+State changes are recorded as key -> bytes puts/deletes (:meth:`drain_changes`) so the caller can
+write them in the same atomic batch as the feature store and the consumed offsets.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Iterable, Literal
+
+import msgspec
+
+Kind = Literal["positive", "negative", "late_click", "correction"]
+_PENDING, _DONE, _EARLY, _HIGH = b"p/", b"d/", b"e/", b"h/"
+
+
+class Pending(msgspec.Struct, array_like=True):
+    """An impression waiting for its label; ``raw`` is its original message."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    ts: int
+    request_id: str | None
+    raw: bytes
+
+
+class Done(msgspec.Struct, array_like=True):
+    """An impression already emitted, remembered for late clicks and redelivery."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    ts: int
+    request_id: str | None
+    label: int
+
+
+class EarlyClick(msgspec.Struct, array_like=True):
+    """A click read before its impression (the two topics are fetched independently)."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    ts: int
+    request_id: str | None
+
+
+class Outcome(msgspec.Struct):
+    kind: Kind
+    impression_id: str
+    impression_ts: int
+    raw: bytes | None = None  # the impression's message, for positives and negatives
+    click_ts: int | None = None
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = {_PENDING: msgspec.msgpack.Decoder(Pending), _DONE: msgspec.msgpack.Decoder(Done),
+        _EARLY: msgspec.msgpack.Decoder(EarlyClick)}
+
+
+class LabelJoin:
+    """The join state of one partition. Feed events in consumption order; emit what it returns."""
+
+    def __init__(self, window_ms: int, lateness_ms: int = 0, emit_corrections: bool = False,
+                 late_horizon_ms: int | None = None, inputs: Iterable[str] = ("impressions", "clicks")):
+        self.window = window_ms
+        self.lateness = lateness_ms
+        self.emit_corrections = emit_corrections
+        # How long after its window an emitted impression is remembered to recognise late clicks.
+        self.late_horizon = window_ms if late_horizon_ms is None else late_horizon_ms
+        self.inputs = tuple(inputs)
+        self.high: dict[str, int] = {}
+        self.idle: set[str] = set()
+        self.pending: dict[str, Pending] = {}
+        self.done: dict[str, Done] = {}
+        self.early: dict[str, EarlyClick] = {}
+        self._by_request: dict[str, str] = {}  # request_id -> impression id (pending or done)
+        self._by_user_item: dict[tuple[str, str], set[str]] = {}
+        self._pending_heap: list[tuple[int, str]] = []
+        self._done_heap: list[tuple[int, str]] = []
+        self._early_heap: list[tuple[int, str]] = []
+        self._changes: dict[bytes, bytes | None] = {}
+        self.duplicates = 0
+
+    # -- watermark ------------------------------------------------------------------------
+    @property
+    def watermark(self) -> int | None:
+        active = [ts for name, ts in self.high.items() if name not in self.idle]
+        if not active:
+            return None
+        return min(active) - self.lateness
+
+    def set_idle(self, source: str, idle: bool) -> list[Outcome]:
+        """Mark an input idle (excluded from the watermark) or active again."""
+        (self.idle.add if idle else self.idle.discard)(source)
+        return self._expire()
+
+    def _observe(self, source: str, ts: int) -> None:
+        if ts > self.high.get(source, -1):
+            self.high[source] = ts
+            self._changes[_HIGH + source.encode()] = ts.to_bytes(8, "big", signed=True)
+        self.idle.discard(source)
+
+    # -- events ---------------------------------------------------------------------------
+    def on_impression(self, event_id: str, user_id: object, item_id: object, ts: int,
+                      request_id: str | None, raw: bytes, source: str = "impressions") -> list[Outcome]:
+        """An impression arrived. Returns what to emit (a positive if its click came first)."""
+        self._observe(source, ts)
+        if event_id in self.pending or event_id in self.done:
+            self.duplicates += 1
+            return self._expire()
+        imp = Pending(event_id, str(user_id), str(item_id), ts, request_id, raw)
+        click = self._take_early_click(imp)
+        out: list[Outcome] = []
+        if click is not None:
+            self._finish(imp, 1)
+            out.append(Outcome("positive", event_id, ts, raw, click.ts))
+        else:
+            self._add_pending(imp)
+        return out + self._expire()
+
+    def on_click(self, event_id: str, user_id: object, item_id: object, ts: int,
+                 request_id: str | None, source: str = "clicks") -> list[Outcome]:
+        """A click arrived. Returns a positive, a late click (and correction), or nothing."""
+        self._observe(source, ts)
+        user, item = str(user_id), str(item_id)
+        target = self._match(user, item, ts, request_id)
+        out: list[Outcome] = []
+        if target is None:
+            if event_id in self.early:
+                self.duplicates += 1
+            elif self.watermark is None or ts >= self.watermark:
+                # Its impression may still be on its way: keep the click until the watermark passes it.
+                e = EarlyClick(event_id, user, item, ts, request_id)
+                self.early[event_id] = e
+                heapq.heappush(self._early_heap, (ts, event_id))
+                self._changes[_EARLY + event_id.encode()] = _enc.encode(e)
+        elif target in self.pending:
+            imp = self.pending.pop(target)
+            self._changes[_PENDING + target.encode()] = None
+            self._finish(imp, 1)
+            out.append(Outcome("positive", imp.event_id, imp.ts, imp.raw, ts))
+        else:
+            done = self.done[target]
+            if done.label == 0:
+                out.append(Outcome("late_click", done.event_id, done.ts, None, ts))
+                if self.emit_corrections:
+                    out.append(Outcome("correction", done.event_id, done.ts, None, ts))
+                # One late click per impression: remember that it was labelled after all.
+                done.label = 1
+                self._changes[_DONE + target.encode()] = _enc.encode(done)
+            else:
+                self.duplicates += 1  # a second click on an already positive impression
+        return out + self._expire()
+
+    def _match(self, user: str, item: str, ts: int, request_id: str | None) -> str | None:
+        if request_id is not None and request_id in self._by_request:
+            cand = self._by_request[request_id]
+            rec = self.pending.get(cand) or self.done.get(cand)
+            if rec is not None and rec.user_id == user and rec.ts <= ts <= rec.ts + self.window:
+                return cand
+        best: tuple[int, int, str] | None = None
+        for cand in self._by_user_item.get((user, item), ()):
+            rec = self.pending.get(cand) or self.done[cand]
+            if rec.ts <= ts <= rec.ts + self.window:
+                # Nearest earlier impression still waiting; an already labelled one only when
+                # none waits (that is how a late click is recognised).
+                key = (1 if cand in self.pending else 0, rec.ts, cand)
+                if best is None or key > best:
+                    best = key
+        return best[2] if best else None
+
+    def _take_early_click(self, imp: Pending) -> EarlyClick | None:
+        found: EarlyClick | None = None
+        for e in self.early.values():
+            if e.user_id != imp.user_id or not imp.ts <= e.ts <= imp.ts + self.window:
+                continue
+            if imp.request_id is not None and e.request_id == imp.request_id:
+                found = e
+                break
+            if e.item_id == imp.item_id and e.request_id in (None, imp.request_id) and (found is None or e.ts < found.ts):
+                found = e
+        if found is not None:
+            del self.early[found.event_id]
+            self._changes[_EARLY + found.event_id.encode()] = None
+        return found
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _index(self, rec: Pending | Done) -> None:
+        if rec.request_id is not None:
+            self._by_request[rec.request_id] = rec.event_id
+        self._by_user_item.setdefault((rec.user_id, rec.item_id), set()).add(rec.event_id)
+
+    def _unindex(self, rec: Done) -> None:
+        if rec.request_id is not None and self._by_request.get(rec.request_id) == rec.event_id:
+            del self._by_request[rec.request_id]
+        ids = self._by_user_item.get((rec.user_id, rec.item_id))
+        if ids is not None:
+            ids.discard(rec.event_id)
+            if not ids:
+                del self._by_user_item[(rec.user_id, rec.item_id)]
+
+    def _add_pending(self, imp: Pending) -> None:
+        self.pending[imp.event_id] = imp
+        self._index(imp)
+        heapq.heappush(self._pending_heap, (imp.ts + self.window, imp.event_id))
+        self._changes[_PENDING + imp.event_id.encode()] = _enc.encode(imp)
+
+    def _finish(self, imp: Pending, label: int) -> None:
+        done = Done(imp.event_id, imp.user_id, imp.item_id, imp.ts, imp.request_id, label)
+        self.done[imp.event_id] = done
+        self._index(done)
+        heapq.heappush(self._done_heap, (imp.ts + self.window + self.late_horizon, imp.event_id))
+        self._changes[_DONE + imp.event_id.encode()] = _enc.encode(done)
+
+    def _expire(self) -> list[Outcome]:
+        wm = self.watermark
+        if wm is None:
+            return []
+        out: list[Outcome] = []
+        while self._pending_heap and self._pending_heap[0][0] < wm:
+            _, eid = heapq.heappop(self._pending_heap)
+            imp = self.pending.pop(eid, None)
+            if imp is None:
+                continue  # labelled by a click already
+            self._changes[_PENDING + eid.encode()] = None
+            self._finish(imp, 0)
+            out.append(Outcome("negative", eid, imp.ts, imp.raw, None))
+        while self._done_heap and self._done_heap[0][0] < wm:
+            _, eid = heapq.heappop(self._done_heap)
+            done = self.done.pop(eid, None)
+            if done is not None:
+                self._unindex(done)
+                self._changes[_DONE + eid.encode()] = None
+        while self._early_heap and self._early_heap[0][0] < wm:
+            _, eid = heapq.heappop(self._early_heap)
+            if self.early.pop(eid, None) is not None:
+                self._changes[_EARLY + eid.encode()] = None
+        return out
+
+    # -- persistence ----------------------------------------------------------------------
+    def drain_changes(self) -> dict[bytes, bytes | None]:
+        """Keys changed since the last call: bytes to put, or None to delete."""
+        changes, self._changes = self._changes, {}
+        return changes
+
+    def restore(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Rebuild from the persisted key/value pairs written from :meth:`drain_changes`."""
+        for key, value in items:
+            prefix, name = key[:2], key[2:].decode()
+            if prefix == _HIGH:
+                self.high[name] = int.from_bytes(value, "big", signed=True)
+            elif prefix == _PENDING:
+                self._add_pending(_dec[_PENDING].decode(value))
+            elif prefix == _DONE:
+                done = _dec[_DONE].decode(value)
+                self.done[name] = done
+                self._index(done)
+                heapq.heappush(self._done_heap, (done.ts + self.window + self.late_horizon, name))
+            elif prefix == _EARLY:
+                e = _dec[_EARLY].decode(value)
+                self.early[name] = e
+                heapq.heappush(self._early_heap, (e.ts, name))
+        self._changes.clear()

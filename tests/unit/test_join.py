@@ -1,0 +1,166 @@
+"""Label-join rules without Kafka: windows, watermark, matching, late clicks, persistence."""
+
+from __future__ import annotations
+
+import random
+
+from streamer.join import LabelJoin
+
+W = 1_000
+T0 = 1_700_000_000_000
+
+
+def kinds(outcomes):
+    return [(o.kind, o.impression_id) for o in outcomes]
+
+
+def imp(j, eid, ts, user="u", item="i", req=None):
+    return j.on_impression(eid, user, item, T0 + ts, req, f"raw-{eid}".encode())
+
+
+def clk(j, eid, ts, user="u", item="i", req=None):
+    return j.on_click(eid, user, item, T0 + ts, req)
+
+
+def test_click_inside_window_labels_positive_at_once():
+    j = LabelJoin(W)
+    assert imp(j, "a", 0) == []
+    out = clk(j, "c", 500)
+    assert kinds(out) == [("positive", "a")]
+    assert out[0].raw == b"raw-a" and out[0].click_ts == T0 + 500
+
+
+def test_negative_only_once_watermark_passes_ts_plus_window():
+    j = LabelJoin(W)
+    imp(j, "a", 0)
+    clk(j, "other", 0, item="x")  # clicks input seen, so the watermark is defined
+    assert imp(j, "b", W, item="z") == []  # watermark == ts + W: not passed yet
+    clk(j, "other2", W, item="y")
+    out = imp(j, "c", W + 1, item="z2") + clk(j, "o3", W + 1, item="y2")
+    assert kinds(out) == [("negative", "a")]
+
+
+def test_click_after_window_does_not_label_and_is_not_late():
+    j = LabelJoin(W)
+    imp(j, "a", 0)
+    out = clk(j, "c", W + 1)
+    assert out == [] or all(o.kind == "negative" for o in out)
+    assert "a" not in j.pending or j.pending["a"].ts == T0
+
+
+def test_late_click_counted_and_corrected_when_enabled():
+    for corrections in (False, True):
+        j = LabelJoin(W, emit_corrections=corrections)
+        imp(j, "a", 0)
+        clk(j, "x", 0, item="other")
+        # The clicks input runs ahead (watermark = min over inputs), then a late click for "a".
+        imp(j, "b", 2 * W, item="b")
+        out = clk(j, "y", 2 * W, item="other")
+        assert kinds(out) == [("negative", "a")]
+        late = clk(j, "c", 900)  # inside a's window, but after a went out as 0
+        want = [("late_click", "a")] + ([("correction", "a")] if corrections else [])
+        assert kinds(late) == want
+        assert clk(j, "c2", 950) == []  # a second late click is not counted twice
+
+
+def test_request_id_match_beats_user_item_nearest():
+    j = LabelJoin(W)
+    imp(j, "old", 0, req="r-old")
+    imp(j, "new", 100, req="r-new")
+    assert kinds(clk(j, "c", 200, req="r-old")) == [("positive", "old")]
+    assert "new" in j.pending
+
+
+def test_without_request_id_nearest_earlier_impression_wins():
+    j = LabelJoin(W)
+    imp(j, "first", 0)
+    imp(j, "second", 300)
+    imp(j, "future", 900)
+    assert kinds(clk(j, "c", 500)) == [("positive", "second")]
+    assert kinds(clk(j, "c2", 950)) == [("positive", "future")]
+    assert kinds(clk(j, "c3", 960)) == [("positive", "first")]
+
+
+def test_click_read_before_its_impression_still_labels_it():
+    j = LabelJoin(W)
+    assert clk(j, "c", 10, req="r1") == []
+    assert kinds(imp(j, "a", 5, req="r1")) == [("positive", "a")]
+    assert clk(j, "c-other", 10, item="zz") == []
+    assert kinds(imp(j, "b", 0, item="zz")) == [("positive", "b")]  # (user, item) match, click after impression
+
+
+def test_redelivered_events_change_nothing():
+    j = LabelJoin(W)
+    imp(j, "a", 0)
+    assert kinds(clk(j, "c", 10)) == [("positive", "a")]
+    assert imp(j, "a", 0) == []  # redelivered impression
+    assert clk(j, "c", 10) == []  # redelivered click
+    assert j.duplicates == 2
+
+
+def test_users_are_kept_apart():
+    j = LabelJoin(W)
+    imp(j, "a", 0, user="u1")
+    assert clk(j, "c", 10, user="u2") == []
+    assert "a" in j.pending
+
+
+def test_idle_input_drops_out_of_watermark():
+    j = LabelJoin(W)
+    imp(j, "a", 0)
+    clk(j, "x", 0, item="other")
+    assert imp(j, "b", 5 * W, item="b") == []  # clicks input stalled at T0: no expiry
+    assert kinds(j.set_idle("clicks", True)) == [("negative", "a")]
+
+
+def _random_run(j: LabelJoin, events) -> list[tuple[str, str]]:
+    out = []
+    for kind, args in events:
+        out += kinds(imp(j, *args) if kind == "i" else clk(j, *args))
+    return out
+
+
+def _events(seed: int, n: int = 400):
+    rng = random.Random(seed)
+    evs = []
+    t = 0
+    for k in range(n):
+        t += rng.randrange(0, 300)
+        user, item = f"u{rng.randrange(5)}", f"i{rng.randrange(4)}"
+        req = f"r{k}" if rng.random() < 0.5 else None
+        evs.append(("i", (f"imp{k}", t, user, item, req)))
+        if rng.random() < 0.4:
+            evs.append(("c", (f"clk{k}", t + rng.randrange(0, 2 * W), user, item, req)))
+    return evs
+
+
+def test_restore_from_persisted_changes_continues_identically():
+    for seed in range(5):
+        evs = _events(seed)
+        straight = _random_run(LabelJoin(W, emit_corrections=True), evs)
+        store: dict[bytes, bytes] = {}
+        j = LabelJoin(W, emit_corrections=True)
+        resumed = []
+        for k, ev in enumerate(evs):
+            resumed += _random_run(j, [ev])
+            for key, val in j.drain_changes().items():
+                if val is None:
+                    store.pop(key, None)
+                else:
+                    store[key] = val
+            if k % 37 == 0:  # "crash": rebuild the join from what was persisted
+                j = LabelJoin(W, emit_corrections=True)
+                j.restore(sorted(store.items()))
+        assert resumed == straight
+
+
+def test_every_impression_gets_exactly_one_label():
+    evs = _events(7, 600)
+    j = LabelJoin(W)
+    out = _random_run(j, evs)
+    out += kinds(j.set_idle("clicks", True))
+    # flush: one far-future event on both inputs
+    out += kinds(imp(j, "end", 10**9, user="z")) + kinds(clk(j, "end-c", 10**9, user="zz"))
+    labelled = [iid for k, iid in out if k in ("positive", "negative")]
+    impressions = [a[0] for k, a in evs if k == "i"]
+    assert sorted(labelled) == sorted(impressions)
