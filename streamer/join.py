@@ -46,6 +46,7 @@ class Done(msgspec.Struct, array_like=True):
     ts: int
     request_id: str | None
     label: int
+    raw: bytes = b""  # kept only when corrections are emitted (they need the impression)
 
 
 class EarlyClick(msgspec.Struct, array_like=True):
@@ -158,7 +159,7 @@ class LabelJoin:
             if done.label == 0:
                 out.append(Outcome("late_click", done.event_id, done.ts, None, ts))
                 if self.emit_corrections:
-                    out.append(Outcome("correction", done.event_id, done.ts, None, ts))
+                    out.append(Outcome("correction", done.event_id, done.ts, done.raw, ts))
                 # One late click per impression: remember that it was labelled after all.
                 done.label = 1
                 self._changes[_DONE + target.encode()] = _enc.encode(done)
@@ -220,7 +221,8 @@ class LabelJoin:
         self._changes[_PENDING + imp.event_id.encode()] = _enc.encode(imp)
 
     def _finish(self, imp: Pending, label: int) -> None:
-        done = Done(imp.event_id, imp.user_id, imp.item_id, imp.ts, imp.request_id, label)
+        done = Done(imp.event_id, imp.user_id, imp.item_id, imp.ts, imp.request_id, label,
+                    imp.raw if self.emit_corrections else b"")
         self.done[imp.event_id] = done
         self._index(done)
         heapq.heappush(self._done_heap, (imp.ts + self.window + self.late_horizon, imp.event_id))

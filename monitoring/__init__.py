@@ -1,0 +1,1 @@
+"""Prometheus metrics (one catalogue for every component) and dashboards."""

@@ -1,0 +1,39 @@
+"""The catalogue of every metric, defined once and shared by all components.
+
+Metric objects live in the default prometheus-client registry; each process exposes them with
+:func:`serve_metrics` on its configured port, bound to loopback unless configured otherwise.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+EVENTS_IN = Counter("dmrstream_events_in_total", "Messages consumed, by topic.", ["component", "topic"])
+EVENTS_OUT = Counter("dmrstream_events_out_total", "Messages produced, by topic.", ["component", "topic"])
+DEAD_LETTERS = Counter("dmrstream_dead_letters_total", "Messages rejected to dead-letters, by reason kind.",
+                       ["component", "topic", "reason"])
+JOIN_OUTCOMES = Counter("dmrstream_join_outcomes_total",
+                        "Label-join results: positive, negative, late_click, correction, duplicate.", ["outcome"])
+WATERMARK = Gauge("dmrstream_streamer_watermark_ms", "Event-time watermark of a partition (epoch ms).",
+                  ["partition"])
+PENDING = Gauge("dmrstream_streamer_pending_impressions", "Impressions waiting for their label.", ["partition"])
+BATCH_SECONDS = Histogram("dmrstream_streamer_batch_seconds",
+                          "Time to process one consumed batch (join, store, samples produced).",
+                          buckets=_LATENCY_BUCKETS)
+FEATURESTORE_SECONDS = Histogram("dmrstream_featurestore_seconds", "Feature-store operation latency.",
+                                 ["op"], buckets=_LATENCY_BUCKETS)
+FEATURESTORE_KEYS = Gauge("dmrstream_featurestore_keys", "Keys in a partition's store.", ["partition"])
+FEATURESTORE_BYTES = Gauge("dmrstream_featurestore_bytes", "Bytes on disk of a partition's store.", ["partition"])
+
+
+def reason_kind(reason: str) -> str:
+    """Low-cardinality label from a dead-letter reason ("invalid: ..." -> "invalid")."""
+    return reason.split(":", 1)[0][:32] or "unknown"
+
+
+def serve_metrics(port: int, bind: str = "127.0.0.1") -> None:
+    """Expose /metrics of this process (a daemon thread). Port 0 disables."""
+    if port:
+        start_http_server(port, addr=bind)
