@@ -35,6 +35,7 @@ class Pending(msgspec.Struct, array_like=True):
     ts: int
     request_id: str | None
     raw: bytes
+    extra: bytes = b""  # caller's data frozen at arrival (the point-in-time counters)
 
 
 class Done(msgspec.Struct, array_like=True):
@@ -65,6 +66,7 @@ class Outcome(msgspec.Struct):
     impression_ts: int
     raw: bytes | None = None  # the impression's message, for positives and negatives
     click_ts: int | None = None
+    extra: bytes = b""
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -117,18 +119,19 @@ class LabelJoin:
 
     # -- events ---------------------------------------------------------------------------
     def on_impression(self, event_id: str, user_id: object, item_id: object, ts: int,
-                      request_id: str | None, raw: bytes, source: str = "impressions") -> list[Outcome]:
+                      request_id: str | None, raw: bytes, source: str = "impressions",
+                      extra: bytes = b"") -> list[Outcome]:
         """An impression arrived. Returns what to emit (a positive if its click came first)."""
         self._observe(source, ts)
         if event_id in self.pending or event_id in self.done:
             self.duplicates += 1
             return self._expire()
-        imp = Pending(event_id, str(user_id), str(item_id), ts, request_id, raw)
+        imp = Pending(event_id, str(user_id), str(item_id), ts, request_id, raw, extra)
         click = self._take_early_click(imp)
         out: list[Outcome] = []
         if click is not None:
             self._finish(imp, 1)
-            out.append(Outcome("positive", event_id, ts, raw, click.ts))
+            out.append(Outcome("positive", event_id, ts, raw, click.ts, extra))
         else:
             self._add_pending(imp)
         return out + self._expire()
@@ -153,7 +156,7 @@ class LabelJoin:
             imp = self.pending.pop(target)
             self._changes[_PENDING + target.encode()] = None
             self._finish(imp, 1)
-            out.append(Outcome("positive", imp.event_id, imp.ts, imp.raw, ts))
+            out.append(Outcome("positive", imp.event_id, imp.ts, imp.raw, ts, imp.extra))
         else:
             done = self.done[target]
             if done.label == 0:
@@ -240,7 +243,7 @@ class LabelJoin:
                 continue  # labelled by a click already
             self._changes[_PENDING + eid.encode()] = None
             self._finish(imp, 0)
-            out.append(Outcome("negative", eid, imp.ts, imp.raw, None))
+            out.append(Outcome("negative", eid, imp.ts, imp.raw, None, imp.extra))
         while self._done_heap and self._done_heap[0][0] < wm:
             _, eid = heapq.heappop(self._done_heap)
             done = self.done.pop(eid, None)

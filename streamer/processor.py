@@ -17,6 +17,8 @@ repeats). A crash after 4 finds every event already joined. Nothing is lost.
 from __future__ import annotations
 
 import time
+
+import msgspec
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -27,6 +29,31 @@ from streamer.join import LabelJoin, Outcome
 from streamer.samples import build_sample
 
 JOIN_PREFIX = b"join/"
+_counters_enc = msgspec.msgpack.Encoder()
+_counters_dec = msgspec.msgpack.Decoder(dict[str, float])
+
+
+class _BatchCounters:
+    """Counter increments made earlier in the current batch (read-your-writes for counters)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.events: dict[tuple[str, str, str], list[int]] = {}
+
+    def count(self, kind: str, ev: Impression | Click) -> None:
+        if ev.event_id in self.seen:
+            return
+        self.seen.add(ev.event_id)
+        for side, ident in (("user", ev.user_id), ("item", ev.item_id)):
+            self.events.setdefault((side, kind, str(ident)), []).append(ev.ts)
+
+    def add_to(self, counters: dict[str, float], imp: Impression) -> None:
+        for side, ident in (("user", imp.user_id), ("item", imp.item_id)):
+            for kind in ("impressions", "clicks"):
+                earlier = self.events.get((side, kind, str(ident)), ())
+                n = sum(1 for ts in earlier if ts < imp.ts)
+                if n:
+                    counters[f"{side}_{kind}"] = counters.get(f"{side}_{kind}", 0.0) + n
 
 
 class BehaviourStore(Protocol):
@@ -87,6 +114,7 @@ class PartitionProcessor:
         result = BatchResult()
         events: list[Impression | Click] = []
         outcomes: list[Outcome] = []
+        overlay = _BatchCounters()
         now = time.monotonic()
         for r in records:
             metrics.EVENTS_IN.labels(self.component, r.topic).inc()
@@ -95,12 +123,20 @@ class PartitionProcessor:
                 if r.topic == self.impressions_topic:
                     imp = self.imp_codec.decode(r.value)
                     events.append(imp)
+                    # Counters as of the impression: the store before this batch plus what this
+                    # batch added earlier, strictly before its timestamp. Frozen with the pending
+                    # impression, so later events never leak into its sample.
+                    counters = self.store.counters_as_of(imp.user_id, imp.item_id, imp.ts)
+                    overlay.add_to(counters, imp)
+                    overlay.count("impressions", imp)
                     outcomes += self.join.on_impression(imp.event_id, imp.user_id, imp.item_id, imp.ts,
-                                                        imp.request_id, bytes(r.value), r.topic)
+                                                        imp.request_id, bytes(r.value), r.topic,
+                                                        _counters_enc.encode(counters))
                 elif r.topic == self.clicks_topic:
                     click = self.click_codec.decode(r.value)
                     events.append(click)
                     if click.behavior == "click":
+                        overlay.count("clicks", click)
                         outcomes += self.join.on_click(click.event_id, click.user_id, click.item_id, click.ts,
                                                        click.request_id, r.topic)
                 else:
@@ -146,7 +182,7 @@ class PartitionProcessor:
             imp = self.imp_codec.decode(o.raw)
             label = 0 if o.kind == "negative" else 1
             history = self.store.get_sequence(imp.user_id, as_of=imp.ts)
-            counters = self.store.counters_as_of(imp.user_id, imp.item_id, imp.ts)
+            counters = _counters_dec.decode(o.extra) if o.extra else None
             sample = build_sample(imp, label, history, counters, correction=o.kind == "correction")
             result.messages.append((self.samples_topic, str(imp.user_id).encode(), encode(sample)))
             result.samples += 1

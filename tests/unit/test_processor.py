@@ -1,0 +1,131 @@
+"""The streamer's per-partition processing without Kafka, over a plain in-memory reference store:
+leakage, point-in-time counters, dead letters, redelivery, crash between produce and commit."""
+
+from __future__ import annotations
+
+import json
+
+from dmrstream.contracts import Click, Codec, Impression, Sample, decode_dead_letter, encode
+from dmrstream.settings import load_settings
+from streamer.processor import PartitionProcessor, Record
+
+T0 = 1_700_000_000_000
+W = 60_000
+
+
+class ReferenceStore:
+    """The simplest correct store: every event kept, everything recomputed on read."""
+
+    def __init__(self):
+        self.events: dict[str, Impression | Click] = {}
+        self.extra: dict[bytes, bytes] = {}
+
+    def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None):
+        for e in events:
+            self.events.setdefault(e.event_id, e)
+        self.extra.update(extra_puts or {})
+        for k in extra_deletes or ():
+            self.extra.pop(k, None)
+
+    def get_sequence(self, user_id, as_of=None):
+        seq = [(e.item_id, e.category_id, e.behavior, e.ts) for e in self.events.values()
+               if isinstance(e, Click) and e.user_id == user_id and (as_of is None or e.ts < as_of)]
+        return sorted(seq, key=lambda x: x[3])[-50:]
+
+    def counters_as_of(self, user_id, item_id, ts):
+        out = {"user_impressions": 0.0, "user_clicks": 0.0, "item_impressions": 0.0, "item_clicks": 0.0}
+        for e in self.events.values():
+            if e.ts >= ts:
+                continue
+            kind = "impressions" if isinstance(e, Impression) else "clicks"
+            if isinstance(e, Click) and e.behavior != "click":
+                continue
+            if e.user_id == user_id:
+                out[f"user_{kind}"] += 1
+            if e.item_id == item_id:
+                out[f"item_{kind}"] += 1
+        return out
+
+    def iter_extra(self, prefix):
+        return sorted((k, v) for k, v in self.extra.items() if k.startswith(prefix))
+
+
+def settings():
+    return load_settings(overrides={"join.attribution_window_ms": W, "topics.prefix": "p."})
+
+
+def rec(topic, ev, offset=0):
+    return Record(f"p.{topic}", 0, offset, str(ev.user_id).encode(), encode(ev))
+
+
+def imp(eid, ts, user=1, item=10, req=None):
+    return Impression(event_id=eid, user_id=user, item_id=item, category_id=item % 3, ts=T0 + ts, request_id=req)
+
+
+def clk(eid, ts, user=1, item=10, req=None):
+    return Click(event_id=eid, user_id=user, item_id=item, category_id=item % 3, ts=T0 + ts, request_id=req)
+
+
+def run(proc, records):
+    res = proc.process(records)
+    proc.commit(res)
+    return res
+
+
+def samples_of(res):
+    codec = Codec(Sample)
+    return [codec.decode(v) for t, _, v in res.messages if t == "p.samples"]
+
+
+def test_leakage_click_one_second_later_is_not_in_its_own_sample_but_in_the_next():
+    proc = PartitionProcessor(0, ReferenceStore(), settings())
+    res = run(proc, [rec("impressions", imp("a", 0, req="r1")), rec("clicks", clk("c", 1_000, req="r1")),
+                     rec("impressions", imp("b", 2_000, item=11))])
+    (first,) = samples_of(res)
+    assert first.sample_id == "a" and first.label == 1
+    assert first.hist_item_ids == []  # its own click is not in its history
+    assert first.counters["user_clicks"] == 0 and first.counters["item_clicks"] == 0
+    res = run(proc, [rec("clicks", clk("x", 2 * W + 3_000, item=99)), rec("impressions", imp("z", 2 * W + 3_000, item=98))])
+    (second,) = [s for s in samples_of(res) if s.sample_id == "b"]
+    assert second.label == 0
+    assert second.hist_item_ids == [10] and second.hist_ts == [T0 + 1_000]
+    assert second.counters == {"user_impressions": 1.0, "user_clicks": 1.0, "item_impressions": 0.0,
+                               "item_clicks": 0.0}
+
+
+def test_same_timestamp_events_never_see_each_other():
+    proc = PartitionProcessor(0, ReferenceStore(), settings())
+    recs = []
+    for k in range(4):  # four ratings at one timestamp, each also clicked at that timestamp
+        recs += [rec("impressions", imp(f"i{k}", 0, item=k, req=f"r{k}")), rec("clicks", clk(f"c{k}", 0, item=k, req=f"r{k}"))]
+    res = run(proc, recs)
+    got = samples_of(res)
+    assert sorted(s.sample_id for s in got) == ["i0", "i1", "i2", "i3"]
+    for s in got:
+        assert s.label == 1 and s.hist_item_ids == []
+        assert all(v == 0 for v in s.counters.values()), s.counters
+
+
+def test_bad_messages_are_dead_lettered_and_good_ones_still_flow():
+    proc = PartitionProcessor(0, ReferenceStore(), settings())
+    bad = [Record("p.impressions", 0, 1, b"k", b"{not json"), Record("p.clicks", 0, 2, None, b"\xff\xfe"),
+           Record("p.impressions", 0, 3, b"k", json.dumps({"event_id": "x", "user_id": -5}).encode()),
+           Record("p.clicks", 0, 4, b"k", None)]
+    res = run(proc, [rec("impressions", imp("a", 0, req="r")), *bad, rec("clicks", clk("c", 5, req="r"))])
+    dead = [decode_dead_letter(v) for t, _, v in res.messages if t == "p.dead-letters"]
+    assert [d.offset for d in dead] == [1, 2, 3, 4]
+    assert dead[0].original == b"{not json" and dead[0].reason.startswith("malformed")
+    assert dead[1].reason.startswith("utf8") and dead[3].reason.startswith("empty")
+    assert [s.sample_id for s in samples_of(res)] == ["a"]
+
+
+def test_crash_before_commit_reemits_the_same_samples_and_after_commit_nothing():
+    store = ReferenceStore()
+    batch = [rec("impressions", imp("a", 0, req="r")), rec("clicks", clk("c", 5, req="r"))]
+    proc = PartitionProcessor(0, store, settings())
+    first = proc.process(batch)  # produced, then the process dies before commit
+    proc = PartitionProcessor(0, store, settings())  # restart from what was persisted
+    again = run(proc, batch)
+    assert [s.sample_id for s in samples_of(again)] == [s.sample_id for s in samples_of(first)] == ["a"]
+    proc = PartitionProcessor(0, store, settings())  # crash after commit: redelivery is a no-op
+    assert samples_of(run(proc, batch)) == []
