@@ -1,0 +1,186 @@
+"""Pure state transitions of the feature store: sequences, dedupe, point-in-time counters.
+
+No I/O: :class:`~featurestore.store.PartitionStore` reads records, calls these, writes them back.
+
+**Sequences** keep a user's newest ``keep`` behaviours ordered by ``(ts, event hash)``, so the
+result is the same whatever order (or how many times) events arrive. The kept behaviours' event
+hashes are the dedupe memory for behaviours: a behaviour already kept is a duplicate; one older
+than the oldest kept behaviour of a full sequence is *too old*: it could not enter the sequence
+anyway, and since it may be a forgotten duplicate it is not counted either.
+
+**Impressions** are remembered in a bounded FIFO of event hashes (``dedupe_ids_per_user``). When
+an id is forgotten, its ts raises a floor; an unknown impression at or below the floor may be a
+forgotten duplicate, so it is dropped (never double counted; a genuinely new impression that late
+is under-counted).
+
+**Counters** ``[total, t1, b1, ..., tR, bR]``: the total and, for the R newest distinct event times
+``t`` seen, ``b`` = number of events strictly before ``t``. ``as_of(t)`` is exact for every
+``t >= t1`` (with R=1 this is the classic (total, last_ts, count_at_last_ts)); for an older ``t``
+it returns ``b1``, which may include events in ``[t, t1)`` (documented approximation).
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from operator import itemgetter
+from typing import Any
+
+from featurestore.codec import DedupeRecord, ItemRecord, UserRecord
+
+_KEY = itemgetter(0, 1)
+
+
+def empty_counter() -> list[int]:
+    return [0]
+
+
+def counter_add(c: list[int], ts: int, points: int) -> None:
+    """Count one event at ``ts`` in counter ``c`` (in place)."""
+    total = c[0]
+    c[0] = total + 1
+    n = len(c)
+    if n == 1 or ts > c[n - 2]:  # in-order fast path: a new newest time
+        c.append(ts)
+        c.append(total)
+        if len(c) > 1 + 2 * points:
+            del c[1:3]
+        return
+    if ts < c[1]:  # older than every kept time: it is before all of them
+        for j in range(2, n, 2):
+            c[j] += 1
+        return
+    # ts within the kept window: every event time >= t1 is kept, so the point for ts either
+    # exists or, inserted now, has as many events before it as the next point.
+    j = 1
+    while c[j] < ts:
+        j += 2
+    if c[j] != ts:
+        c[j:j] = [ts, c[j + 1]]
+        j += 2
+        if len(c) > 1 + 2 * points:
+            del c[1:3]
+            j -= 2
+    for k in range(j + 2, len(c), 2):
+        c[k] += 1
+
+
+def counter_as_of(c: list[int], as_of: int | None) -> int:
+    """Events counted strictly before ``as_of`` (all of them when ``as_of`` is None)."""
+    n = len(c)
+    if as_of is None or n == 1 or as_of > c[n - 2]:
+        return c[0]
+    for j in range(1, n, 2):
+        if c[j] >= as_of:
+            return c[j + 1]
+    return c[0]  # unreachable: as_of <= the newest point
+
+
+def contains_hash(blob: bytes | bytearray, packed: bytes) -> bool:
+    """Whether the 8-byte ``packed`` hash is one of the aligned entries of ``blob`` (C-speed)."""
+    i = blob.find(packed)
+    while i != -1 and i % 8:
+        i = blob.find(packed, i + 1)
+    return i != -1
+
+
+class Outcome:
+    """Per-batch tallies (kept as plain ints for speed)."""
+
+    __slots__ = ("behaviours", "impressions", "duplicates", "too_old", "expired", "rejected")
+
+    def __init__(self) -> None:
+        self.behaviours = self.impressions = self.duplicates = 0
+        self.too_old = self.expired = self.rejected = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep: int,
+                     out: Outcome) -> list[tuple]:
+    """Add behaviours ``(ts, hash, item, cat, code)`` to the user's sequence; returns the ones
+    that were accepted (neither duplicate nor too old), for the counters."""
+    ts_l = array("q", user.ts).tolist() if isinstance(user.ts, (bytes, bytearray)) else list(user.ts)
+    h_l = dd.seq_hashes
+    n = len(ts_l)
+    floor = (ts_l[0], h_l[0]) if n >= keep else None
+    seen = set(h_l)
+    accepted = []
+    new.sort(key=_KEY)
+    for ev in new:
+        if floor is not None and (ev[0], ev[1]) < floor:
+            out.too_old += 1
+        elif ev[1] in seen:
+            out.duplicates += 1
+        else:
+            seen.add(ev[1])
+            accepted.append(ev)
+    if not accepted:
+        return accepted
+    items, cats, codes = user.items, user.cats, user.behaviors
+    if n == 0 or _KEY(accepted[0]) > (ts_l[-1], h_l[-1]):
+        ts_l.extend(e[0] for e in accepted)
+        h_l = h_l + [e[1] for e in accepted]
+        items = items + [e[2] for e in accepted]
+        cats = cats + [e[3] for e in accepted]
+        codes = codes + bytes(e[4] for e in accepted)
+    else:  # out of order: full merge (rare; sequences are short)
+        rows = sorted([*zip(ts_l, h_l, items, cats, codes), *accepted], key=_KEY)
+        ts_l = [r[0] for r in rows]
+        h_l = [r[1] for r in rows]
+        items = [r[2] for r in rows]
+        cats = [r[3] for r in rows]
+        codes = bytes(r[4] for r in rows)
+    cut = max(0, len(ts_l) - keep)
+    user.ts = array("q", ts_l[cut:]).tobytes()
+    user.items, user.cats, user.behaviors = items[cut:], cats[cut:], codes[cut:]
+    dd.seq_hashes = h_l[cut:]
+    return accepted
+
+
+def accept_impression(dd: DedupeRecord, blob: bytearray, ts_blob: array, h: int, ts: int,
+                      out: Outcome) -> bool:
+    """Whether an impression is new (and remember it). ``blob``/``ts_blob`` are the working
+    copies of the FIFO, trimmed by :func:`trim_impressions` at the end of the batch."""
+    packed = h.to_bytes(8, "little")
+    if contains_hash(blob, packed):
+        out.duplicates += 1
+        return False
+    if ts <= dd.imp_floor_ts:
+        out.too_old += 1
+        return False
+    blob += packed
+    ts_blob.append(ts)
+    return True
+
+
+def trim_impressions(dd: DedupeRecord, blob: bytearray, ts_blob: array, limit: int) -> None:
+    """Forget the oldest-arrived impression ids beyond ``limit``, raising the floor."""
+    extra = len(ts_blob) - limit
+    if extra > 0:
+        dd.imp_floor_ts = max(dd.imp_floor_ts, max(ts_blob[:extra]))
+        del ts_blob[:extra]
+        del blob[: 8 * extra]
+    dd.imp_hashes = bytes(blob)
+    dd.imp_ts = ts_blob.tobytes()
+
+
+def update_item(item: ItemRecord, ts: int, category: Any, features: dict | None) -> None:
+    """Latest-known side features of an item (newest event time wins)."""
+    if ts >= item.features_ts:
+        item.features_ts = ts
+        if category is not None:
+            item.category_id = category
+        if features:
+            item.features = dict(features)
+    elif item.category_id is None:
+        item.category_id = category
+
+
+def sequence_before(user: UserRecord, as_of: int | None) -> int:
+    """How many kept behaviours are strictly before ``as_of`` (a prefix: they are sorted)."""
+    ts_l = array("q", user.ts)
+    if as_of is None:
+        return len(ts_l)
+    return bisect_left(ts_l, as_of)
