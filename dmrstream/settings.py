@@ -90,6 +90,12 @@ class FeatureSettings(BaseModel):
     seq_len: int = Field(50, ge=1, le=1000)
     dedupe_ids_per_user: int = Field(256, ge=1)
     retention_days: float = Field(30.0, gt=0)
+    # Feature store (featurestore/): behaviours kept beyond seq_len serve point-in-time reads of
+    # a slightly older time; counters keep this many recent event times for exact as_of reads.
+    seq_keep_extra: int = Field(14, ge=0, le=1000)
+    counter_points: int = Field(8, ge=1, le=64)
+    block_cache_mb: int = Field(64, ge=0)
+    fsync: bool = False  # fsync every batch (power-loss durability); a process crash is safe without
 
 
 class ModelSettings(BaseModel):
