@@ -153,6 +153,9 @@ def topics_list(ctx: typer.Context) -> None:
 
 # Role commands: each package contributes a typer app or command from its own cli module.
 # (Keep imports inside the command functions of those modules so `dmrstream --help` stays fast.)
+from streamer.cli import streamer as _streamer_command  # noqa: E402  (the CLI may import streamer/)
+
+app.command("streamer")(_streamer_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

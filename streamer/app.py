@@ -135,6 +135,7 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
             return open_partition_store(settings, partition)
 
     t = settings.topics
+    Path(settings.state_dir, "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{t.prefix}streamer",
         store="memory://",  # faust's own tables are unused: state lives in the feature store
