@@ -63,8 +63,8 @@ def offset_key(topic: str, partition: int) -> bytes:
 
 
 def offset_from_key(key: bytes) -> tuple[str, int]:
-    topic, _, part = key[len(OFFSET):].rpartition(b"\0")
-    return topic.decode(), int.from_bytes(part, "big")
+    body = key[len(OFFSET):]
+    return body[:-5].decode(), int.from_bytes(body[-4:], "big")
 
 
 def event_hash(event_id: str) -> int:
@@ -85,8 +85,8 @@ class UserRecord(msgspec.Struct, array_like=True):
     cats: list[Id] = []
     behaviors: bytes = b""          # one code per behaviour (BEHAVIOR_CODES)
     ts: bytes = b""
-    impressions: list[int] = [0]
-    clicks: list[int] = [0]
+    impressions: list[int] = msgspec.field(default_factory=lambda: [0])
+    clicks: list[int] = msgspec.field(default_factory=lambda: [0])
     profile: dict[str, Any] | None = None
     profile_ts: int = -1
 
@@ -107,8 +107,8 @@ class ItemRecord(msgspec.Struct, array_like=True):
     category_id: Id | None = None
     features: dict[str, Any] | None = None
     features_ts: int = -1
-    impressions: list[int] = [0]
-    clicks: list[int] = [0]
+    impressions: list[int] = msgspec.field(default_factory=lambda: [0])
+    clicks: list[int] = msgspec.field(default_factory=lambda: [0])
 
 
 _encoder = msgspec.msgpack.Encoder()
