@@ -157,6 +157,3 @@ from streamer.cli import streamer as _streamer_command  # noqa: E402  (the CLI m
 
 app.command("streamer")(_streamer_command)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

@@ -29,7 +29,7 @@ def streamer(
         return
     # N processes of this same command: each is a member of the consumer group; faust assigns
     # co-partitioned impressions/clicks partitions together and state follows partitions.
-    base = [sys.executable, "-m", "dmrstream.cli", *_global_args(ctx)]
+    base = [sys.executable, "-m", "dmrstream", *_global_args(ctx)]
     procs = []
     for i in range(workers):
         port = settings.metrics.streamer_port + i if settings.metrics.streamer_port else 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BIN = [sys.executable, "-m", "dmrstream.cli"]
+BIN = [sys.executable, "-m", "dmrstream"]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
