@@ -15,8 +15,10 @@ is under-counted).
 
 **Counters** ``[total, t1, b1, ..., tR, bR]``: the total and, for the R newest distinct event times
 ``t`` seen, ``b`` = number of events strictly before ``t``. ``as_of(t)`` is exact for every
-``t >= t1`` (with R=1 this is the classic (total, last_ts, count_at_last_ts)); for an older ``t``
-it returns ``b1``, which may include events in ``[t, t1)`` (documented approximation).
+``t >= t1`` (with R=1 this is the classic (total, last_ts, count_at_last_ts)) and for every ``t``
+while no time was ever forgotten; for a ``t`` older than the kept times it returns ``b1``, which
+may include events in ``[t, t1)`` (documented approximation: it needs out-of-order reads or
+events more than R distinct times in the past).
 """
 
 from __future__ import annotations
@@ -46,8 +48,14 @@ def counter_add(c: list[int], ts: int, points: int) -> None:
         if len(c) > 1 + 2 * points:
             del c[1:3]
         return
-    if ts < c[1]:  # older than every kept time: it is before all of them
-        for j in range(2, n, 2):
+    if ts < c[1]:  # older than every kept time
+        if c[2] == 0 and n < 1 + 2 * points:
+            c[1:1] = [ts, 0]  # nothing is older (nothing was ever trimmed): a new exact time
+            n += 2
+            start = 4
+        else:
+            start = 2
+        for j in range(start, n, 2):
             c[j] += 1
         return
     # ts within the kept window: every event time >= t1 is kept, so the point for ts either
@@ -56,12 +64,11 @@ def counter_add(c: list[int], ts: int, points: int) -> None:
     while c[j] < ts:
         j += 2
     if c[j] != ts:
-        c[j:j] = [ts, c[j + 1]]
-        j += 2
+        c[j:j] = [ts, c[j + 1]]  # as many events before it as before the next kept time
         if len(c) > 1 + 2 * points:
             del c[1:3]
             j -= 2
-    for k in range(j + 2, len(c), 2):
+    for k in range(j + 3, len(c), 2):  # the counts of the later kept times
         c[k] += 1
 
 

@@ -150,7 +150,7 @@ class PartitionStore:
                                        BEHAVIOR_CODES[ev.behavior]))
                 else:
                     imps.append(ev)
-            clicked = []
+            clicked, accepted = [], ()
             if behaviours:
                 accepted = logic.merge_behaviours(user, dd, behaviours, keep, out)
                 out.behaviours += len(accepted)
@@ -181,7 +181,7 @@ class PartitionStore:
                     user.profile, user.profile_ts = dict(ev.user_profile), ts
                 if ts > last:
                     last = ts
-            if clicked or new_imps or behaviours:
+            if accepted or new_imps:  # an all-duplicate batch writes nothing
                 wb.put(USER + uk, encode(user, last))
                 wb.put(DEDUPE + uk, encode(dd, last))
         if item_events:
