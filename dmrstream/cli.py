@@ -156,4 +156,7 @@ def topics_list(ctx: typer.Context) -> None:
 from streamer.cli import streamer as _streamer_command  # noqa: E402  (the CLI may import streamer/)
 
 app.command("streamer")(_streamer_command)
+from featurestore.cli import app as _features_app  # noqa: E402
+
+app.add_typer(_features_app, name="features")
 

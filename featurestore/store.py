@@ -287,6 +287,14 @@ class PartitionStore:
         times = as_of if hasattr(as_of, "__len__") else [as_of] * n
         return [counters_dict(raws[j], raws[n + j], None if times[j] is None else int(times[j])) for j in range(n)]
 
+    def has_user(self, user_id: Any) -> bool:
+        return self._db.get(USER + id_bytes(user_id)) is not None
+
+    def user_counters(self, user_id: Any, as_of: int | None = None) -> dict[str, float]:
+        """``user_impressions`` and ``user_clicks`` strictly before ``as_of``."""
+        out = counters_dict(self._db.get(USER + id_bytes(user_id)), None, as_of)
+        return {k: v for k, v in out.items() if k.startswith("user_")}
+
     def user_profile(self, user_id: Any) -> dict[str, Any] | None:
         user = self._user(user_id)
         return None if user is None else user.profile
