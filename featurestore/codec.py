@@ -20,6 +20,7 @@ Ids are ints or strings as given by the source: ``b"i" + 8-byte signed big-endia
 from __future__ import annotations
 
 import struct
+from array import array
 from hashlib import blake2b
 from typing import Any, Union
 
@@ -81,8 +82,8 @@ class UserRecord(msgspec.Struct, array_like=True):
     ``ts`` is packed int64 little-endian (one per behaviour) so reads can hand it to numpy
     without a Python loop. Counters are ``[total, t1, b1, ...]`` (see :mod:`featurestore.logic`)."""
 
-    items: list[Id] = []
-    cats: list[Id] = []
+    items: bytes | list[Id] = b""   # packed int64 when every id is an int, else a list (pack_ids)
+    cats: bytes | list[Id] = b""
     behaviors: bytes = b""          # one code per behaviour (BEHAVIOR_CODES)
     ts: bytes = b""
     impressions: list[int] = msgspec.field(default_factory=lambda: [0])
@@ -111,8 +112,18 @@ class ItemRecord(msgspec.Struct, array_like=True):
     clicks: list[int] = msgspec.field(default_factory=lambda: [0])
 
 
+class SequenceView(msgspec.Struct, array_like=True):
+    """The first four fields of a :class:`UserRecord`: what reads decode (the trailing
+    counters and profile are skipped, not built)."""
+
+    items: bytes | list[Id] = b""
+    cats: bytes | list[Id] = b""
+    behaviors: bytes = b""
+    ts: bytes = b""
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoders = {cls: msgspec.msgpack.Decoder(cls) for cls in (UserRecord, DedupeRecord, ItemRecord)}
+_decoders = {cls: msgspec.msgpack.Decoder(cls) for cls in (UserRecord, DedupeRecord, ItemRecord, SequenceView)}
 
 
 def encode(record: UserRecord | DedupeRecord | ItemRecord, last_ts: int) -> bytes:
@@ -132,12 +143,34 @@ def decode(cls: type, raw: bytes | None):
         raise FormatError(f"corrupt {cls.__name__}: {e}") from None
 
 
+def decode_sequences(raws: list) -> list[SequenceView]:
+    """Sequence columns of the present records in ``raws`` (None entries skipped), fast path."""
+    dec = _decoders[SequenceView].decode
+    try:
+        return [dec(memoryview(r)[HEADER_SIZE:]) for r in raws if r is not None and r[0] == FORMAT_VERSION]
+    except msgspec.DecodeError as e:
+        raise FormatError(f"corrupt user record: {e}") from None
+
+
 def last_active(raw: bytes) -> int:
     """The header's last-active event time, without decoding the body."""
     version, ts = _HEADER.unpack_from(raw)
     if version != FORMAT_VERSION:
         raise FormatError(f"unknown record format {version}")
     return ts
+
+
+def pack_ids(ids: list) -> bytes | list:
+    """A column of ids: packed int64 (no Python objects to decode, straight into numpy) when
+    they are all ints, else the list itself (strings, or a mix)."""
+    try:
+        return array("q", ids).tobytes()
+    except (TypeError, OverflowError):
+        return ids
+
+
+def unpack_ids(column: bytes | list) -> list:
+    return array("q", column).tolist() if isinstance(column, bytes) else column
 
 
 def pack_int(value: int) -> bytes:

@@ -28,7 +28,7 @@ from bisect import bisect_left
 from operator import itemgetter
 from typing import Any
 
-from featurestore.codec import DedupeRecord, ItemRecord, UserRecord
+from featurestore.codec import DedupeRecord, ItemRecord, UserRecord, pack_ids, unpack_ids
 
 _KEY = itemgetter(0, 1)
 
@@ -125,7 +125,7 @@ def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep:
             accepted.append(ev)
     if not accepted:
         return accepted
-    items, cats, codes = user.items, user.cats, user.behaviors
+    items, cats, codes = unpack_ids(user.items), unpack_ids(user.cats), user.behaviors
     if n == 0 or _KEY(accepted[0]) > (ts_l[-1], h_l[-1]):
         ts_l.extend(e[0] for e in accepted)
         h_l = h_l + [e[1] for e in accepted]
@@ -141,7 +141,7 @@ def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep:
         codes = bytes(r[4] for r in rows)
     cut = max(0, len(ts_l) - keep)
     user.ts = array("q", ts_l[cut:]).tobytes()
-    user.items, user.cats, user.behaviors = items[cut:], cats[cut:], codes[cut:]
+    user.items, user.cats, user.behaviors = pack_ids(items[cut:]), pack_ids(cats[cut:]), codes[cut:]
     dd.seq_hashes = h_l[cut:]
     return accepted
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from featurestore import logic
-from featurestore.codec import ItemRecord, UserRecord, decode
+from featurestore.codec import FormatError, ItemRecord, UserRecord, decode, decode_sequences, unpack_ids
 
 COUNTER_KEYS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks")
 
@@ -33,24 +33,29 @@ class SequenceBatch:
     lengths: np.ndarray       # (n,) int64: real behaviours per row
 
 
-def _ids_array(flat: list, n: int, T: int, rows: np.ndarray, cols: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    ints = set(map(type, flat)) <= {int}
-    src = np.array(flat, dtype=np.int64 if ints else object) if flat else np.zeros(0, np.int64)
-    out = np.zeros((n, T), dtype=src.dtype)
-    out[rows, cols] = src[keep]
-    return out
+def _ids_array(columns: list, n: int, T: int, dest: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    if all(type(c) is bytes for c in columns):  # every id an int: no Python objects at all
+        src = np.frombuffer(b"".join(columns), dtype="<i8")
+    else:
+        flat = list(chain.from_iterable(map(unpack_ids, columns)))
+        src = np.array(flat, dtype=np.int64 if set(map(type, flat)) <= {int} else object)
+    out = np.zeros(n * T, dtype=src.dtype)
+    out[dest] = src[idx]
+    return out.reshape(n, T)
 
 
 def fill_sequences(user_ids: list, raws: list, as_of: Any, T: int) -> SequenceBatch:
     """Arrays for the users whose records are ``raws`` (None for unknown users)."""
     n = len(user_ids)
-    recs = [decode(UserRecord, r) for r in raws if r is not None]
+    recs = decode_sequences(raws)
     lengths = np.zeros(n, dtype=np.int64)
     present = np.fromiter((r is not None for r in raws), dtype=bool, count=n)
+    if len(recs) != present.sum():
+        raise FormatError("user record of an unknown format version")
     lengths[present] = [len(r.behaviors) for r in recs]
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
     row_of = np.repeat(np.arange(n), lengths)
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    pos = np.arange(len(row_of)) - starts[row_of]
     flat_ts = np.frombuffer(b"".join(r.ts for r in recs), dtype="<i8")
     # Behaviours strictly before as_of form a prefix of each (sorted) sequence.
     if as_of is None:
@@ -58,19 +63,23 @@ def fill_sequences(user_ids: list, raws: list, as_of: Any, T: int) -> SequenceBa
     else:
         times = np.broadcast_to(np.asarray(as_of, dtype=np.int64), (n,))
         before = np.concatenate(([0], np.cumsum(flat_ts < times[row_of])))
-        count = before[starts + lengths] - before[starts]
-    cols = T - count[row_of] + pos
-    keep = (pos < count[row_of]) & (cols >= 0)
-    rows, cols = row_of[keep], cols[keep]
-    ts = np.zeros((n, T), dtype=np.int64)
-    ts[rows, cols] = flat_ts[keep]
-    behaviors = np.zeros((n, T), dtype=np.int8)
-    behaviors[rows, cols] = np.frombuffer(b"".join(r.behaviors for r in recs), dtype=np.int8)[keep]
-    mask = np.zeros((n, T), dtype=bool)
-    mask[rows, cols] = True
-    items = _ids_array(list(chain.from_iterable(r.items for r in recs)), n, T, rows, cols, keep)
-    cats = _ids_array(list(chain.from_iterable(r.cats for r in recs)), n, T, rows, cols, keep)
-    return SequenceBatch(list(user_ids), items, cats, behaviors, ts, mask, np.minimum(count, T))
+        count = before[ends] - before[starts]
+    # Flat index j of row r goes to column T - count[r] + (j - starts[r]) when that is in [0, T)
+    # and j is among the first count[r]: the window [starts + count - min(count, T), starts + count).
+    take = np.minimum(count, T)
+    lo = starts + count - take
+    idx = np.repeat(lo - np.cumsum(take) + take, take) + np.arange(int(take.sum()))
+    dest = np.repeat(np.arange(n) * T + T - take, take) + (idx - np.repeat(lo, take))
+    flat = np.zeros(n * T, dtype=np.int64)
+    flat[dest] = flat_ts[idx]
+    codes = np.zeros(n * T, dtype=np.int8)
+    codes[dest] = np.frombuffer(b"".join(r.behaviors for r in recs), dtype=np.int8)[idx]
+    mask = np.zeros(n * T, dtype=bool)
+    mask[dest] = True
+    items = _ids_array([r.items for r in recs], n, T, dest, idx)
+    cats = _ids_array([r.cats for r in recs], n, T, dest, idx)
+    return SequenceBatch(list(user_ids), items, cats, codes.reshape(n, T), flat.reshape(n, T),
+                         mask.reshape(n, T), take)
 
 
 def counters_dict(raw_user: bytes | None, raw_item: bytes | None, as_of: int | None) -> dict[str, float]:

@@ -24,7 +24,7 @@ from dmrstream.settings import FeatureSettings, Settings
 from featurestore import logic
 from featurestore.codec import (BEHAVIOR_CODES, BEHAVIOR_NAMES, DEDUPE, EXTRA, ITEM, META, OFFSET, USER,
                                 DedupeRecord, ItemRecord, UserRecord, decode, encode, event_hash, id_bytes,
-                                id_from_bytes, last_active, offset_from_key, offset_key, pack_int, unpack_int)
+                                id_from_bytes, last_active, offset_from_key, offset_key, pack_int, unpack_ids, unpack_int)
 from featurestore.reads import SequenceBatch, counters_dict, fill_sequences
 
 _BY_TS = attrgetter("ts")
@@ -260,8 +260,8 @@ class PartitionStore:
             return []
         end = logic.sequence_before(user, as_of)
         start = max(0, end - (limit or self.seq_len))
-        ts = array("q", user.ts)
-        return [Behaviour(user.items[j], user.cats[j], BEHAVIOR_NAMES[user.behaviors[j]], ts[j])
+        ts, items, cats = array("q", user.ts), unpack_ids(user.items), unpack_ids(user.cats)
+        return [Behaviour(items[j], cats[j], BEHAVIOR_NAMES[user.behaviors[j]], ts[j])
                 for j in range(start, end)]
 
     def multi_get(self, user_ids: list, as_of: Any = None, T: int | None = None) -> SequenceBatch:
