@@ -125,8 +125,20 @@ def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep:
             accepted.append(ev)
     if not accepted:
         return accepted
+    in_order = n == 0 or _KEY(accepted[0]) > (ts_l[-1], h_l[-1])
+    if in_order and type(user.items) is bytes and type(user.cats) is bytes:
+        # Common case: newer behaviours, int ids: append packed bytes, no list round trip.
+        new_items, new_cats = pack_ids([e[2] for e in accepted]), pack_ids([e[3] for e in accepted])
+        if type(new_items) is bytes and type(new_cats) is bytes:
+            cut = max(0, n + len(accepted) - keep)
+            user.ts = (user.ts + array("q", [e[0] for e in accepted]).tobytes())[8 * cut:]
+            user.items = (user.items + new_items)[8 * cut:]
+            user.cats = (user.cats + new_cats)[8 * cut:]
+            user.behaviors = (user.behaviors + bytes(e[4] for e in accepted))[cut:]
+            dd.seq_hashes = (h_l + [e[1] for e in accepted])[cut:]
+            return accepted
     items, cats, codes = unpack_ids(user.items), unpack_ids(user.cats), user.behaviors
-    if n == 0 or _KEY(accepted[0]) > (ts_l[-1], h_l[-1]):
+    if in_order:
         ts_l.extend(e[0] for e in accepted)
         h_l = h_l + [e[1] for e in accepted]
         items = items + [e[2] for e in accepted]
