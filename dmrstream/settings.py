@@ -84,6 +84,9 @@ class JoinSettings(BaseModel):
     attribution_window_ms: int = Field(30 * 60 * 1000, ge=0)
     allowed_lateness_ms: int = Field(0, ge=0)
     emit_corrections: bool = False
+    # An input silent this long (wall clock) while the other still flows stops holding the
+    # watermark back. Long enough to ride out rebalances and upstream pauses.
+    idle_input_s: float = Field(30.0, gt=0)
 
 
 class FeatureSettings(BaseModel):
@@ -109,6 +112,17 @@ class ModelSettings(BaseModel):
     aux_weight: float = 0.1
     learning_rate: float = 1e-3
     batch_size: int = 256
+    # trainer/ (DMR and baselines): hashed side-feature table, field slots per group, and the
+    # embedding tables' own learning rate (sparse rows are touched rarely: they may need more).
+    field_vocab_size: int = Field(1 << 18, ge=2)
+    max_profile_fields: int = Field(8, ge=0, le=64)
+    max_context_fields: int = Field(4, ge=0, le=64)
+    max_item_fields: int = Field(8, ge=0, le=64)
+    embedding_learning_rate: float = Field(1e-3, gt=0)
+    attention_hidden: list[int] = [80, 40]
+    counter_smoothing: float = Field(5.0, ge=0)  # pseudo-impressions at the prior rate
+    counter_prior: float = Field(0.5, gt=0, lt=1)
+    time_gap_buckets: int = Field(16, ge=2, le=64)
 
 
 class TrainerSettings(BaseModel):

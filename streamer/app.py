@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 2000
 BATCH_WITHIN_S = 0.05
-IDLE_AFTER_S = 5.0
 
 
 def faust_broker_options(settings: Settings) -> dict[str, Any]:
@@ -105,7 +104,7 @@ class Streamer:
 
     async def tick(self) -> None:
         for proc in list(self.processors.values()):
-            result = proc.tick(IDLE_AFTER_S)
+            result = proc.tick(self.settings.join.idle_input_s)
             if result.messages or result.join_changes:
                 await self._deliver(proc, result)
 

@@ -179,6 +179,8 @@ class LabelJoin:
         best: tuple[int, int, str] | None = None
         for cand in self._by_user_item.get((user, item), ()):
             rec = self.pending.get(cand) or self.done[cand]
+            if request_id is not None and rec.request_id not in (None, request_id):
+                continue  # a click that names its request never labels another request's impression
             if rec.ts <= ts <= rec.ts + self.window:
                 # Nearest earlier impression still waiting; an already labelled one only when
                 # none waits (that is how a late click is recognised).

@@ -151,13 +151,18 @@ class PartitionProcessor:
         return result
 
     def tick(self, idle_after_s: float) -> BatchResult:
-        """Mark inputs idle that have been silent for ``idle_after_s`` (so the watermark advances
-        and negatives go out when a topic falls quiet); returns what that emits."""
+        """Mark an input idle when it has been silent for ``idle_after_s`` while another input
+        kept flowing (so the watermark advances and negatives go out when, say, clicks stop).
+        When every input is silent nothing is marked: a pause upstream must not expire
+        impressions whose clicks are merely late. Returns what that emits."""
         result = BatchResult()
         now = time.monotonic()
         outcomes: list[Outcome] = []
-        for topic in (self.impressions_topic, self.clicks_topic):
-            if topic in self.join.high and topic not in self.join.idle and now - self.last_seen.get(topic, 0) > idle_after_s:
+        topics = (self.impressions_topic, self.clicks_topic)
+        silent = {t for t in topics if now - self.last_seen.get(t, 0) > idle_after_s}
+        for topic in silent:
+            flowing = [t for t in topics if t not in silent and t != topic]
+            if topic in self.join.high and topic not in self.join.idle and flowing:
                 outcomes += self.join.set_idle(topic, True)
         self._emit(outcomes, result)
         result.join_changes = self.join.drain_changes()

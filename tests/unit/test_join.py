@@ -164,3 +164,11 @@ def test_every_impression_gets_exactly_one_label():
     labelled = [iid for k, iid in out if k in ("positive", "negative")]
     impressions = [a[0] for k, a in evs if k == "i"]
     assert sorted(labelled) == sorted(impressions)
+
+
+def test_click_naming_an_unseen_request_waits_for_it_instead_of_labelling_another():
+    j = LabelJoin(W)
+    imp(j, "earlier", 0, req="r-earlier")  # same user and item, another request
+    assert clk(j, "c", 500, req="r-later") == []  # its own impression is not read yet
+    assert "earlier" in j.pending
+    assert kinds(imp(j, "later", 400, req="r-later")) == [("positive", "later")]
