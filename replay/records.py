@@ -136,4 +136,7 @@ def scalar(value: object) -> int | float | str | bool | None:
         return None
     if s.lstrip("-").isdigit() and len(s) < 18:
         return int(s)
+    if s[0] in "-.0123456789" and _numeric(s):
+        f = float(s)
+        return f if abs(f) < 1e30 else s[:256]
     return s[:256]

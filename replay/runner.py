@@ -23,6 +23,7 @@ class Summary:
     first_ts: int | None = None
     last_ts: int | None = None
     delivery_failures: int = 0
+    interrupted: bool = False  # stopped by Ctrl-C (what was queued is still flushed)
     bad: BadRows = field(default_factory=BadRows)
 
     @property
@@ -74,6 +75,8 @@ def run(events: Iterable[Event], sink: Sink, pacer: Pacer | None = None, limit: 
             if progress is not None and n % progress_every == 0:
                 s.events, s.last_ts, s.elapsed_s = n, last_ts, time.perf_counter() - t0
                 progress(s)
+    except KeyboardInterrupt:
+        s.interrupted = True
     finally:
         s.delivery_failures = sink.close()
         s.events, s.impressions, s.clicks, s.sampled, s.bytes = n, imps, clicks, sampled, nbytes
