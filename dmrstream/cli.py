@@ -160,3 +160,7 @@ from featurestore.cli import app as _features_app  # noqa: E402
 
 app.add_typer(_features_app, name="features")
 
+from replay.cli import replay as _replay_command, simulate as _simulate_command  # noqa: E402
+
+app.command("replay")(_replay_command)
+app.command("simulate")(_simulate_command)
