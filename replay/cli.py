@@ -36,14 +36,14 @@ def _progress_bar(enabled: bool):
     return bar, update
 
 
-def _sink(settings, out_file: Optional[Path]):
+def _sink(settings, out_file: Optional[Path], connect_timeout_s: float = 15.0):
     from replay.sinks import JsonlSink, KafkaSink
 
     if out_file is not None:
         return JsonlSink(out_file), str(out_file)
     from dmrstream.kafkaio import create_topics, wait_for_broker
 
-    wait_for_broker(settings, timeout_s=15.0)
+    wait_for_broker(settings, timeout_s=connect_timeout_s)
     create_topics(settings)
     t = settings.topics
     return KafkaSink(settings), f"Kafka {settings.kafka.bootstrap_servers} ({t.name('impressions')}, {t.name('clicks')})"
@@ -108,6 +108,7 @@ def replay(
     presorted: bool = typer.Option(False, help="Trust each file is in time order: stream it in constant memory "
                                    "(out-of-order rows become bad rows) instead of sorting it in memory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    connect_timeout: float = typer.Option(15.0, help="Seconds to wait for the broker."),
 ) -> None:
     """Replay logs into the impressions/clicks topics in event-time order, keyed by user."""
     from dmrstream.cli import settings_of
@@ -133,7 +134,7 @@ def replay(
         raise typer.Exit(2)
     pacer = _pacer(speed, rate)
     try:
-        sink, target = _sink(settings, out_file)
+        sink, target = _sink(settings, out_file, connect_timeout)
     except Exception as e:
         err.print(f"[red]cannot reach Kafka at {settings.kafka.bootstrap_servers}:[/] {e}")
         raise typer.Exit(1)
@@ -177,6 +178,7 @@ def simulate(
     evaluate: bool = typer.Option(False, "--eval", help="Also print the oracle and item-popularity AUCs "
                                   "(memory grows with the number of impressions)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    connect_timeout: float = typer.Option(15.0, help="Seconds to wait for the broker."),
 ) -> None:
     """Generate a realistic stream (true click probability in each impression) into Kafka or a file."""
     from dmrstream.cli import settings_of
@@ -202,7 +204,7 @@ def simulate(
         stream = _tap(stream, ref)
     pacer = _pacer(speed, rate)
     try:
-        sink, target = _sink(settings, out_file)
+        sink, target = _sink(settings, out_file, connect_timeout)
     except Exception as e:
         err.print(f"[red]cannot reach Kafka at {settings.kafka.bootstrap_servers}:[/] {e}")
         raise typer.Exit(1)
