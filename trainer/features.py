@@ -1,0 +1,238 @@
+"""Samples -> fixed-shape tensors: THE one input function shared by the trainer and the scorers.
+
+Ids become embedding rows by a stable hash (splitmix64 of integer ids, blake2b of other strings;
+never Python's salted ``hash()``), so unseen ids never fail and every process maps an id to the
+same row. Row 0 of every table is reserved for padding. Sequences are left-padded to
+``settings.features.seq_len`` with the most recent behaviour last; the position id of a behaviour
+is its distance from the most recent one (0 = newest), so the same sequence padded to different
+lengths gets the same positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from hashlib import blake2b
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+BEHAVIOR_CODES = {"click": 1, "cart": 2, "fav": 3, "buy": 4}  # 0 = padding
+NUM_BEHAVIORS = 5
+COUNTER_KEYS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks")
+# Dense features derived from the counters: log1p of the four counts, smoothed user and item
+# click rates and their logits, and a flag telling "no counters" apart from "zero counts".
+NUM_DENSE = 9
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_SALTS = {"item": 0x1F3D5B79, "category": 0x2C4E6A88, "user": 0x3B5D7F91, "field": 0x4A6C8EA2}
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Vectorised splitmix64 finaliser (uint64 in, uint64 out; wrap-around is intended)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+@lru_cache(maxsize=1 << 20)
+def _str_key(s: str) -> int:
+    """An id given as a string: decimal strings map like the integer (sources mix "5" and 5)."""
+    if s.isdigit() and len(s) < 19:
+        return int(s)
+    return int.from_bytes(blake2b(s.encode("utf-8"), digest_size=8).digest(), "little") | (1 << 63)
+
+
+def _keys(values: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """uint64 keys of a flat list of ids (ints fast, strings through a cache)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values.astype(np.uint64, copy=False)
+    try:
+        return np.asarray(values, dtype=np.int64).astype(np.uint64)
+    except (ValueError, TypeError, OverflowError):
+        return np.fromiter((_str_key(v) if isinstance(v, str) else int(v) & 0xFFFFFFFFFFFFFFFF
+                            for v in values), dtype=np.uint64, count=len(values))
+
+
+def hash_ids(values: Sequence[Any] | np.ndarray, size: int, kind: str) -> np.ndarray:
+    """Rows in ``[1, size)`` for ids of one kind (``item``, ``category``, ``user``, ``field``)."""
+    k = _keys(values)
+    h = _splitmix64(k ^ np.uint64(_SALTS[kind]))
+    return (h % np.uint64(size - 1)).astype(np.int64) + 1
+
+
+@lru_cache(maxsize=1 << 18)
+def _field_key(name: str, value: Any) -> int:
+    return int.from_bytes(blake2b(f"{name}={value}".encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def hash_field_maps(maps: Sequence[Mapping[str, Any] | None], slots: int, size: int) -> np.ndarray:
+    """(B, slots) rows for ``name=value`` features; slot i holds the i-th field by sorted name
+    (consistent while the schema is), 0 where absent."""
+    out = np.zeros((len(maps), slots), dtype=np.uint64)
+    present = np.zeros((len(maps), slots), dtype=bool)
+    if slots == 0:
+        return out.astype(np.int64)
+    for b, m in enumerate(maps):
+        if m:
+            for i, name in enumerate(sorted(m)[:slots]):
+                out[b, i] = _field_key(name, m[name])
+                present[b, i] = True
+    rows = (_splitmix64(out ^ np.uint64(_SALTS["field"])) % np.uint64(size - 1)).astype(np.int64) + 1
+    return np.where(present, rows, 0)
+
+
+def time_gap_bucket(gap_ms: np.ndarray, buckets: int) -> np.ndarray:
+    """Log2 buckets of the time between a behaviour and the impression (1 s .. ~2^buckets s)."""
+    secs = np.maximum(gap_ms, 0) / 1000.0
+    return np.clip(np.floor(np.log2(1.0 + secs)).astype(np.int64), 0, buckets - 2) + 1
+
+
+@dataclass
+class Batch:
+    """Fixed-shape model input (numpy on creation; :meth:`to_torch` for the model).
+
+    ids are int64 rows (0 = padding); ``mask`` 1 = real behaviour; ``dense`` = counter features.
+    """
+
+    user: Any
+    item: Any
+    category: Any
+    hist_item: Any
+    hist_category: Any
+    hist_behavior: Any
+    hist_position: Any
+    hist_gap: Any
+    mask: Any
+    profile: Any
+    context: Any
+    item_fields: Any
+    dense: Any
+    label: Any
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+    def to_torch(self, device: Any = "cpu", non_blocking: bool = False, pin: bool = False) -> "Batch":
+        """Tensors on ``device`` (pinned host memory + non-blocking copies for CUDA)."""
+        import torch
+
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            if pin and t.device.type == "cpu":
+                t = t.pin_memory()
+            out[f.name] = t.to(device, non_blocking=non_blocking)
+        return Batch(**out)
+
+    def slice(self, idx: Any) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    @staticmethod
+    def concat(batches: Sequence["Batch"]) -> "Batch":
+        return Batch(**{f.name: np.concatenate([getattr(b, f.name) for b in batches])
+                        for f in fields(Batch)})
+
+
+def counter_features(counters: np.ndarray, present: np.ndarray, smoothing: float, prior: float) -> np.ndarray:
+    """(B, 4) counts in COUNTER_KEYS order -> (B, NUM_DENSE) float32 features."""
+    c = np.maximum(counters.astype(np.float64), 0.0)
+    ui, uc, ii, ic = c[:, 0], c[:, 1], c[:, 2], c[:, 3]
+    ur = (np.minimum(uc, ui) + smoothing * prior) / (ui + smoothing)
+    ir = (np.minimum(ic, ii) + smoothing * prior) / (ii + smoothing)
+    eps = 1e-3
+    logit = lambda p: np.log(np.clip(p, eps, 1 - eps) / np.clip(1 - p, eps, 1 - eps))  # noqa: E731
+    dense = np.stack([np.log1p(ui), np.log1p(uc), np.log1p(ii), np.log1p(ic), ur - prior, ir - prior,
+                      logit(ur), logit(ir), present.astype(np.float64)], axis=1)
+    dense[~present] = 0.0
+    return dense.astype(np.float32)
+
+
+def _pad_left(flat: np.ndarray, lengths: np.ndarray, T: int) -> np.ndarray:
+    """Ragged rows (concatenated, oldest first) -> (B, T), the last T of each row right-aligned."""
+    B = len(lengths)
+    out = np.zeros((B, T), dtype=flat.dtype)
+    if flat.size == 0:
+        return out
+    ends = np.cumsum(lengths)
+    keep = np.minimum(lengths, T)
+    # for each row, take flat[ends-keep : ends] and place at columns T-keep .. T-1
+    row = np.repeat(np.arange(B), keep)
+    offs = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
+    src = np.repeat(ends - keep, keep) + offs
+    col = np.repeat(T - keep, keep) + offs
+    out[row, col] = flat[src]
+    return out
+
+
+def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
+    """Batch from column arrays: ``user_id, item_id, category_id, ts`` (length B), ragged
+    ``hist_item_ids, hist_category_ids, hist_behaviors, hist_ts`` (B lists, oldest first), and
+    optional ``label``, ``counters`` ((B, 4) array in COUNTER_KEYS order or B dicts/None),
+    ``user_profile``, ``context``, ``item_features`` (B dicts/None).
+
+    Scorers build one user's sequence with many candidates by repeating the user columns.
+    """
+    m, T = settings.model, settings.features.seq_len
+    B = len(cols["item_id"])
+    hist_items = cols.get("hist_item_ids") or [[] for _ in range(B)]
+    lengths = np.fromiter((len(h) for h in hist_items), dtype=np.int64, count=B)
+    # only the last T behaviours matter: cut before hashing
+    def flat(name: str) -> list:
+        rows = cols.get(name) or [[] for _ in range(B)]
+        out: list = []
+        for r, n in zip(rows, lengths):
+            out.extend(r[-T:] if n > T else r)
+        return out
+    keep = np.minimum(lengths, T)
+    f_items, f_cats = flat("hist_item_ids"), flat("hist_category_ids")
+    f_beh, f_ts = flat("hist_behaviors"), flat("hist_ts")
+    hist_item = _pad_left(hash_ids(f_items, m.item_vocab_size, "item") if f_items else np.zeros(0, np.int64), keep, T)
+    hist_cat = _pad_left(hash_ids(f_cats, m.category_vocab_size, "category") if f_cats else np.zeros(0, np.int64),
+                         keep, T)
+    beh_codes = np.fromiter((BEHAVIOR_CODES.get(b, 1) for b in f_beh), dtype=np.int64, count=len(f_beh))
+    hist_beh = _pad_left(beh_codes, keep, T)
+    mask = _pad_left(np.ones(int(keep.sum()), dtype=np.float32), keep, T)
+    # position = distance from the newest behaviour (0 = newest); padding 0 (masked anyway)
+    pos = np.where(mask > 0, (T - 1) - np.arange(T)[None, :], 0).astype(np.int64)
+    ts = np.asarray(cols["ts"], dtype=np.int64)
+    hist_ts = _pad_left(np.asarray(f_ts, dtype=np.int64), keep, T)
+    gap = np.where(mask > 0, time_gap_bucket(ts[:, None] - hist_ts, m.time_gap_buckets), 0)
+
+    counters = cols.get("counters")
+    if counters is None:
+        cnt, present = np.zeros((B, 4)), np.zeros(B, dtype=bool)
+    elif isinstance(counters, np.ndarray):
+        cnt, present = counters, np.ones(B, dtype=bool)
+    else:
+        cnt = np.array([[c.get(k, 0.0) for k in COUNTER_KEYS] if c else (0.0,) * 4 for c in counters],
+                       dtype=np.float64).reshape(B, 4)
+        present = np.fromiter((bool(c) for c in counters), dtype=bool, count=B)
+    label = cols.get("label")
+    none = [None] * B
+    return Batch(
+        user=hash_ids(cols["user_id"], m.user_vocab_size, "user"),
+        item=hash_ids(cols["item_id"], m.item_vocab_size, "item"),
+        category=hash_ids(cols["category_id"], m.category_vocab_size, "category"),
+        hist_item=hist_item, hist_category=hist_cat, hist_behavior=hist_beh, hist_position=pos,
+        hist_gap=gap, mask=mask,
+        profile=hash_field_maps(cols.get("user_profile") or none, m.max_profile_fields, m.field_vocab_size),
+        context=hash_field_maps(cols.get("context") or none, m.max_context_fields, m.field_vocab_size),
+        item_fields=hash_field_maps(cols.get("item_features") or none, m.max_item_fields, m.field_vocab_size),
+        dense=counter_features(cnt, present, m.counter_smoothing, m.counter_prior),
+        label=(np.zeros(B, np.float32) if label is None else np.asarray(label, dtype=np.float32)),
+    )
+
+
+_SAMPLE_COLUMNS = ("user_id", "item_id", "category_id", "ts", "label", "hist_item_ids", "hist_category_ids",
+                   "hist_behaviors", "hist_ts", "counters", "user_profile", "context", "item_features")
+
+
+def samples_to_batch(samples: Sequence[Any], settings: Any) -> Batch:
+    """Batch from ``Sample`` contracts (or any objects with the same attributes)."""
+    cols = {name: [getattr(s, name, None) for s in samples] for name in _SAMPLE_COLUMNS}
+    return columns_to_batch(cols, settings)
+
