@@ -164,3 +164,6 @@ from replay.cli import replay as _replay_command, simulate as _simulate_command 
 
 app.command("replay")(_replay_command)
 app.command("simulate")(_simulate_command)
+from trainer.cli import evaluate as _evaluate_command  # noqa: E402
+
+app.command("evaluate")(_evaluate_command)
