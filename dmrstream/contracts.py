@@ -230,17 +230,41 @@ def _check_fields(name: str, fields: dict | None, limits: Any) -> None:
         raise ContractError(f"limit: {name} has {len(fields)} fields > {limits.max_fields}")
 
 
+_ID_FIELDS = {
+    "Impression": ("user_id", "item_id", "category_id", "event_id", "request_id"),
+    "Click": ("user_id", "item_id", "category_id", "event_id", "request_id"),
+    "ScoreRequest": ("user_id", "request_id"),
+    "Score": ("user_id", "request_id"),
+    "Sample": ("user_id", "item_id", "category_id", "event_id", "sample_id"),
+    "ModelUpdate": (),
+}
+_MAP_FIELDS = {
+    "Impression": ("context", "user_profile", "item_features"),
+    "Click": (),
+    "ScoreRequest": ("context",),
+    "Score": (),
+    "Sample": ("context", "user_profile", "item_features", "counters"),
+    "ModelUpdate": ("metrics",),
+}
+
+
 def _check_limits(event: Any, limits: Any) -> None:
-    """Deployment bounds msgspec's static types cannot express."""
-    for name in ("user_id", "item_id", "category_id", "event_id", "request_id", "sample_id"):
-        v = getattr(event, name, None)
-        if v is not None:
-            _check_id(name, v, limits)
+    """Deployment bounds msgspec's static types cannot express (hot path: one pass per field)."""
+    name = type(event).__name__
+    max_id = limits.max_id_length
+    for f in _ID_FIELDS[name]:
+        v = getattr(event, f)
+        if v.__class__ is str and len(v) > max_id:
+            raise ContractError(f"limit: {f} longer than {max_id}")
     ts = getattr(event, "ts", None)
-    if ts is not None:
+    if ts is not None and not limits.min_ts_ms <= ts <= limits.max_ts_ms:
         _check_ts("ts", ts, limits)
-    for name in ("context", "user_profile", "item_features", "counters", "metrics"):
-        _check_fields(name, getattr(event, name, None), limits)
+    for f in _MAP_FIELDS[name]:
+        m = getattr(event, f)
+        if m is not None and len(m) > limits.max_fields:
+            _check_fields(f, m, limits)
+    if name in ("Impression", "Click"):
+        return
     if isinstance(event, ScoreRequest):
         if not event.candidates:
             raise ContractError("invalid: candidates is empty")
@@ -259,9 +283,10 @@ def _check_limits(event: Any, limits: Any) -> None:
             raise ContractError(f"limit: sequence of {n} > {limits.max_sequence}")
         if not (len(event.hist_category_ids) == len(event.hist_behaviors) == len(event.hist_ts) == n):
             raise ContractError("invalid: sequence columns differ in length")
-        for t in event.hist_ts:
-            if t >= event.ts:
-                raise ContractError("invalid: sequence holds a behaviour not strictly before the impression")
+        if n and max(event.hist_ts) >= event.ts:
+            raise ContractError("invalid: sequence holds a behaviour not strictly before the impression")
+        for v in (*event.hist_item_ids, *event.hist_category_ids):
+            _check_id("hist ids", v, limits)
     elif isinstance(event, ModelUpdate):
         _check_ts("created_at", event.created_at, limits)
         if event.kind == "delta" and event.base_version is None:

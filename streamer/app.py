@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +66,9 @@ class Streamer:
         self.processors: dict[int, PartitionProcessor] = {}
         self.producer = make_producer(settings)
         self.samples_out = 0
+        self.events_in = 0
+        # (seconds from batch received to its samples acknowledged, events in it): latency figures
+        self.batch_times: deque[tuple[float, int]] = deque(maxlen=100_000)
 
     def processor(self, partition: int) -> PartitionProcessor:
         proc = self.processors.get(partition)
@@ -90,9 +94,13 @@ class Streamer:
             while True:
                 proc = self.processor(partition)
                 try:
-                    with metrics.BATCH_SECONDS.time():
-                        result = proc.process(recs)
-                        await self._deliver(proc, result)
+                    started = time.perf_counter()
+                    result = proc.process(recs)
+                    await self._deliver(proc, result)
+                    took = time.perf_counter() - started
+                    metrics.BATCH_SECONDS.observe(took)
+                    self.batch_times.append((took, len(recs)))
+                    self.events_in += len(recs)
                     break
                 except (KafkaError, OSError) as e:
                     # The join ran ahead in memory: drop it, rebuild from what was persisted and

@@ -34,26 +34,34 @@ _counters_dec = msgspec.msgpack.Decoder(dict[str, float])
 
 
 class _BatchCounters:
-    """Counter increments made earlier in the current batch (read-your-writes for counters)."""
+    """Counter increments made earlier in the current batch (read-your-writes for counters),
+    each kept as (total, last ts, count at last ts) like the store's own counters: O(1)."""
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
-        self.events: dict[tuple[str, str, str], list[int]] = {}
+        self.counts: dict[tuple[str, str], list[int]] = {}
 
     def count(self, kind: str, ev: Impression | Click) -> None:
         if ev.event_id in self.seen:
             return
         self.seen.add(ev.event_id)
         for side, ident in (("user", ev.user_id), ("item", ev.item_id)):
-            self.events.setdefault((side, kind, str(ident)), []).append(ev.ts)
+            c = self.counts.setdefault((f"{side}_{kind}", str(ident)), [0, -1, 0])
+            c[0] += 1
+            if ev.ts > c[1]:
+                c[1], c[2] = ev.ts, 1
+            elif ev.ts == c[1]:
+                c[2] += 1
 
     def add_to(self, counters: dict[str, float], imp: Impression) -> None:
         for side, ident in (("user", imp.user_id), ("item", imp.item_id)):
             for kind in ("impressions", "clicks"):
-                earlier = self.events.get((side, kind, str(ident)), ())
-                n = sum(1 for ts in earlier if ts < imp.ts)
-                if n:
-                    counters[f"{side}_{kind}"] = counters.get(f"{side}_{kind}", 0.0) + n
+                name = f"{side}_{kind}"
+                c = self.counts.get((name, str(ident)))
+                if c is not None:
+                    n = c[0] if imp.ts > c[1] else c[0] - c[2]
+                    if n:
+                        counters[name] = counters.get(name, 0.0) + n
 
 
 class BehaviourStore(Protocol):
@@ -64,7 +72,7 @@ class BehaviourStore(Protocol):
 
     def get_sequence(self, user_id: Any, as_of: int | None = None) -> list: ...
 
-    def counters_as_of(self, user_id: Any, item_id: Any, ts: int) -> dict[str, float]: ...
+    def counters_many(self, user_ids: list, item_ids: list, as_of: list[int]) -> list[dict[str, float]]: ...
 
     def iter_extra(self, prefix: bytes) -> Iterable[tuple[bytes, bytes]]: ...
 
@@ -112,37 +120,40 @@ class PartitionProcessor:
     def process(self, records: list[Record]) -> BatchResult:
         """Join and store a batch; returns the messages to produce (samples, dead letters)."""
         result = BatchResult()
-        events: list[Impression | Click] = []
-        outcomes: list[Outcome] = []
-        overlay = _BatchCounters()
         now = time.monotonic()
+        decoded: list[tuple[Record, Impression | Click]] = []
         for r in records:
-            metrics.EVENTS_IN.labels(self.component, r.topic).inc()
-            self.last_seen[r.topic] = now
             try:
                 if r.topic == self.impressions_topic:
-                    imp = self.imp_codec.decode(r.value)
-                    events.append(imp)
-                    # Counters as of the impression: the store before this batch plus what this
-                    # batch added earlier, strictly before its timestamp. Frozen with the pending
-                    # impression, so later events never leak into its sample.
-                    counters = self.store.counters_as_of(imp.user_id, imp.item_id, imp.ts)
-                    overlay.add_to(counters, imp)
-                    overlay.count("impressions", imp)
-                    outcomes += self.join.on_impression(imp.event_id, imp.user_id, imp.item_id, imp.ts,
-                                                        imp.request_id, bytes(r.value), r.topic,
-                                                        _counters_enc.encode(counters))
+                    decoded.append((r, self.imp_codec.decode(r.value)))
                 elif r.topic == self.clicks_topic:
-                    click = self.click_codec.decode(r.value)
-                    events.append(click)
-                    if click.behavior == "click":
-                        overlay.count("clicks", click)
-                        outcomes += self.join.on_click(click.event_id, click.user_id, click.item_id, click.ts,
-                                                       click.request_id, r.topic)
+                    decoded.append((r, self.click_codec.decode(r.value)))
                 else:
                     raise ContractError(f"topic: not an input of the streamer ({r.topic})")
             except ContractError as e:
                 self._dead(result, r, e.reason)
+        for topic in {r.topic for r in records}:
+            self.last_seen[topic] = now
+            metrics.EVENTS_IN.labels(self.component, topic).inc(sum(1 for r in records if r.topic == topic))
+        events = [e for _, e in decoded]
+        impressions = [e for e in events if isinstance(e, Impression)]
+        # Counters as of each impression: the store before this batch (one multi-get) plus what
+        # this batch added earlier, strictly before its timestamp. Frozen with the pending
+        # impression, so later events never leak into its sample.
+        before = iter(self.store.counters_many([i.user_id for i in impressions], [i.item_id for i in impressions],
+                                               [i.ts for i in impressions]) if impressions else ())
+        overlay = _BatchCounters()
+        outcomes: list[Outcome] = []
+        for r, ev in decoded:
+            if isinstance(ev, Impression):
+                counters = next(before)
+                overlay.add_to(counters, ev)
+                overlay.count("impressions", ev)
+                outcomes += self.join.on_impression(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id,
+                                                    bytes(r.value), r.topic, _counters_enc.encode(counters))
+            elif ev.behavior == "click":
+                overlay.count("clicks", ev)
+                outcomes += self.join.on_click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id, r.topic)
         if events:
             with metrics.FEATURESTORE_SECONDS.labels("apply").time():
                 self.store.apply(events)

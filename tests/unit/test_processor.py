@@ -46,6 +46,9 @@ class ReferenceStore:
                 out[f"item_{kind}"] += 1
         return out
 
+    def counters_many(self, user_ids, item_ids, as_of):
+        return [self.counters_as_of(u, i, t) for u, i, t in zip(user_ids, item_ids, as_of)]
+
     def iter_extra(self, prefix):
         return sorted((k, v) for k, v in self.extra.items() if k.startswith(prefix))
 
