@@ -36,8 +36,8 @@ def _progress_bar(enabled: bool):
     return bar, update
 
 
-def _sink(settings, out_file: Optional[Path], connect_timeout_s: float = 15.0):
-    from replay.sinks import JsonlSink, KafkaSink
+def _sink(settings, out_file: Optional[Path], connect_timeout_s: float = 15.0, client: str = "aiokafka"):
+    from replay.sinks import JsonlSink, kafka_sink
 
     if out_file is not None:
         return JsonlSink(out_file), str(out_file)
@@ -46,7 +46,12 @@ def _sink(settings, out_file: Optional[Path], connect_timeout_s: float = 15.0):
     wait_for_broker(settings, timeout_s=connect_timeout_s)
     create_topics(settings)
     t = settings.topics
-    return KafkaSink(settings), f"Kafka {settings.kafka.bootstrap_servers} ({t.name('impressions')}, {t.name('clicks')})"
+    return kafka_sink(settings, client), f"Kafka {settings.kafka.bootstrap_servers} ({t.name('impressions')}, {t.name('clicks')})"
+
+
+def _check_client(client: str) -> None:
+    if client not in ("aiokafka", "kafka-python"):
+        raise typer.BadParameter(f"--client must be aiokafka or kafka-python, not {client!r}")
 
 
 def _pacer(speed: str, rate: Optional[float]):
@@ -109,6 +114,7 @@ def replay(
                                    "(out-of-order rows become bad rows) instead of sorting it in memory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     connect_timeout: float = typer.Option(15.0, help="Seconds to wait for the broker."),
+    client: str = typer.Option("aiokafka", help="Kafka producer: aiokafka (C batch builder, fast) or kafka-python."),
 ) -> None:
     """Replay logs into the impressions/clicks topics in event-time order, keyed by user."""
     from dmrstream.cli import settings_of
@@ -133,8 +139,9 @@ def replay(
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
     pacer = _pacer(speed, rate)
+    _check_client(client)
     try:
-        sink, target = _sink(settings, out_file, connect_timeout)
+        sink, target = _sink(settings, out_file, connect_timeout, client)
     except Exception as e:
         err.print(f"[red]cannot reach Kafka at {settings.kafka.bootstrap_servers}:[/] {e}")
         raise typer.Exit(1)
@@ -179,6 +186,7 @@ def simulate(
                                   "(memory grows with the number of impressions)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     connect_timeout: float = typer.Option(15.0, help="Seconds to wait for the broker."),
+    client: str = typer.Option("aiokafka", help="Kafka producer: aiokafka (C batch builder, fast) or kafka-python."),
 ) -> None:
     """Generate a realistic stream (true click probability in each impression) into Kafka or a file."""
     from dmrstream.cli import settings_of
@@ -203,8 +211,9 @@ def simulate(
     if ref is not None:
         stream = _tap(stream, ref)
     pacer = _pacer(speed, rate)
+    _check_client(client)
     try:
-        sink, target = _sink(settings, out_file, connect_timeout)
+        sink, target = _sink(settings, out_file, connect_timeout, client)
     except Exception as e:
         err.print(f"[red]cannot reach Kafka at {settings.kafka.bootstrap_servers}:[/] {e}")
         raise typer.Exit(1)

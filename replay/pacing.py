@@ -56,11 +56,14 @@ class Pacer:
             self.start, self.ts0 = now, ts_ms
         return max(0.0, self.start + self.due(ts_ms, n_sent) - now)
 
-    def wait(self, ts_ms: int, n_sent: int) -> float:
+    def wait(self, ts_ms: int, n_sent: int, before_sleep: Callable[[float], None] | None = None) -> float:
         """Sleep until the event is due; returns the time slept. Waits under 1 ms are skipped
-        (they accumulate into the next one), so pacing costs one clock read per event."""
+        (they accumulate into the next one), so pacing costs one clock read per event.
+        ``before_sleep(seconds)`` runs first (the sink pushes out what it buffers)."""
         d = self.delay(ts_ms, n_sent)
         if d >= 0.001:
+            if before_sleep is not None:
+                before_sleep(d)
             self.sleep(d)
             return d
         return 0.0

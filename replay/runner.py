@@ -50,6 +50,7 @@ def run(events: Iterable[Event], sink: Sink, pacer: Pacer | None = None, limit: 
     s = Summary(bad=bad or BadRows())
     pacer = pacer if pacer is not None and pacer.active else None
     send = sink.send
+    idle = getattr(sink, "idle", None)
     n = imps = clicks = sampled = nbytes = 0
     last_ts = None
     t0 = time.perf_counter()
@@ -58,7 +59,7 @@ def run(events: Iterable[Event], sink: Sink, pacer: Pacer | None = None, limit: 
             if limit is not None and n >= limit:
                 break
             if pacer is not None:
-                pacer.wait(ev.ts, n)
+                pacer.wait(ev.ts, n, idle)
             raw = encode(ev)
             if type(ev) is Click:
                 send("clicks", str(ev.user_id).encode(), raw)

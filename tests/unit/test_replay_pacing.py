@@ -77,3 +77,13 @@ def test_run_progress_callback():
     seen = []
     run(events(10), ListSink(), progress=lambda s: seen.append(s.events), progress_every=4)
     assert seen == [4, 8, 12, 16, 20, 20]
+
+
+def test_sink_is_told_before_the_stream_pauses():
+    clock = FakeClock()
+    pauses = []
+    p = Pacer(speed=1, clock=clock, sleep=clock.sleep)
+    p.wait(0, 0, pauses.append)
+    p.wait(0, 1, pauses.append)  # due now: no pause, no call
+    p.wait(2_500, 2, pauses.append)
+    assert pauses == [pytest.approx(2.5)] and clock.slept == pauses
