@@ -27,16 +27,15 @@ def looks_like_events(path: Path) -> bool:
 
 
 def _decode(raw: bytes, imp: Codec, click: Codec):
+    # Only clicks have a "behavior" field: try the likely contract first, the other one second.
+    likely, other = (click, imp) if b'"behavior"' in raw else (imp, click)
     try:
-        return imp.decode(raw)
+        return likely.decode(raw)
     except ContractError as first:
         try:
-            return click.decode(raw)
+            return other.decode(raw)
         except ContractError:
-            # Report the reason for the contract the line looks like it meant.
-            if b'"behavior"' in raw:
-                raise
-            raise first from None
+            raise first from None  # the reason for the contract the line looks like it meant
 
 
 def read_events(path: Path, source: int, bad: BadRows,

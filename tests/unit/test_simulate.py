@@ -119,3 +119,19 @@ def test_popularity_baseline_uses_only_strictly_earlier_events():
     assert p[1] == pytest.approx((0 + 5 * (1 / 3)) / (1 + 5))
     assert p[2] == pytest.approx((1 + 5 * (2 / 4)) / (2 + 5))  # now it does: 1 click, 2 impressions
     assert list(ref.labels) == [1, 0, 0, 0]
+
+
+def test_events_file_bad_lines_are_counted_with_reasons(tmp_path):
+    path = tmp_path / "events.jsonl"
+    good = list(simulate(SMALL, events=4))
+    lines = [encode(e) for e in good]
+    lines.insert(2, b'{"schema":1,"event_id":"x","user_id":1,"item_id":2,"category_id":3,"ts":5}')  # 1970
+    lines.insert(3, b"not json")
+    lines.append(b'{"schema":1,"event_id":"y","user_id":1,"item_id":2,"category_id":3,"ts":1704067200000,'
+                 b'"behavior":"like"}')
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    bad = BadRows()
+    back = list(flatten(read_events(path, 0, bad, Codec(Impression).limits)))
+    assert back == good
+    assert [line for _, line, _ in bad.first] == [3, 4, 7]
+    assert "limit: ts" in bad.first[0][2] and "malformed" in bad.first[1][2] and "behavior" in bad.first[2][2]
