@@ -14,8 +14,10 @@ Conversion (the usual one, shared with the trainer's importer):
 - **category_id is the movie's FIRST listed genre, as its name** (e.g. ``"Animation"`` for
   "Animation Children's Comedy"; GroupLens flags are read in u.genre order, which is the order
   RecBole lists them in); a movie with no genre gets ``"unknown"``;
-- ``item_features``: ``year`` (int, when known) and ``genres`` (space-separated names);
-  ``user_profile``: ``age``, ``gender``, ``occupation``.
+- ``item_features``: ``genres`` (the genre names sorted and space-separated, ``"unknown"`` if
+  none) and ``year`` (release year as text, ``""`` when unknown); ``user_profile``: ``age`` (the
+  decade: 24 -> 20), ``gender``, ``occupation``. These are exactly the values of the trainer's
+  offline importer (``trainer/importers.py``), so online and offline features agree.
 Event ids are ``"{tag}:{line}:i"`` / ``":c"`` with ``tag`` the ratings file name.
 """
 
@@ -85,10 +87,8 @@ def load_items(ratings: Path) -> dict[object, tuple[str, dict]]:
 
 
 def _item(genres: list[str], year: str) -> tuple[str, dict]:
-    features: dict = {"genres": " ".join(genres)[:256]}
-    if year.strip().isdigit():
-        features["year"] = int(year)
-    return (genres[0] if genres else "unknown"), features
+    genres = genres or ["unknown"]
+    return genres[0], {"genres": " ".join(sorted(genres))[:256], "year": year.strip()[:256]}
 
 
 def load_users(ratings: Path) -> dict[object, dict]:
@@ -114,7 +114,7 @@ def load_users(ratings: Path) -> dict[object, dict]:
                 continue
             prof: dict = {}
             if row.get("age", "").strip().isdigit():
-                prof["age"] = int(row["age"])
+                prof["age"] = int(row["age"]) // 10 * 10
             for k in ("gender", "occupation"):
                 if row.get(k, "").strip():
                     prof[k] = row[k].strip()[:256]

@@ -54,8 +54,8 @@ def test_movielens_real_data(movielens_dir):
     # The earliest rating in ml-100k: user 259, "Truth About Cats & Dogs" (Comedy Romance), rating 4.
     first, second = events[0], events[1]
     assert brief(first) == ("i", 259, 255, "Comedy", 874_724_710_000)
-    assert first.user_profile == {"age": 21, "gender": "M", "occupation": "student"}
-    assert first.item_features == {"genres": "Comedy Romance", "year": 1997}
+    assert first.user_profile == {"age": 20, "gender": "M", "occupation": "student"}
+    assert first.item_features == {"genres": "Comedy Romance", "year": "1997"}
     assert isinstance(second, Click) and second.request_id == first.request_id and second.ts == first.ts
     assert first.event_id.endswith(":i") and second.event_id == first.event_id[:-1] + "c"
     # Every click comes right after its own impression.
@@ -93,8 +93,8 @@ def test_grouplens_layout_with_bad_rows(tmp_path):
         ("i", 1, 10, "Action", 881_250_949_000), ("c", 1, 10, "Action", 881_250_949_000),  # line 1
         ("i", 2, 10, "Action", 881_250_949_000), ("c", 2, 10, "Action", 881_250_949_000),  # line 4: tie -> row
     ]
-    assert events[1].item_features == {"genres": "Action Thriller", "year": 1995}
-    assert events[1].user_profile == {"age": 24, "gender": "M", "occupation": "technician"}
+    assert events[1].item_features == {"genres": "Action Thriller", "year": "1995"}
+    assert events[1].user_profile == {"age": 20, "gender": "M", "occupation": "technician"}
     assert events[1].event_id == "u.data:1:i" and events[3].event_id == "u.data:4:i"
     assert bad.count == 2 and [line for _, line, _ in bad.first] == [3, 5]
     assert "not numeric" in bad.first[0][2]
@@ -318,3 +318,18 @@ def test_from_until_window(tmp_path):
     f.write_text("user_id,item_id,category_id,ts\n" + "".join(f"1,{i},1,{1700000000 + i}\n" for i in range(10)))
     events, _, _ = replay([f], from_ms=1_700_000_003_000, until_ms=1_700_000_006_000)
     assert [e.item_id for e in events] == [3, 4, 5]
+
+
+def test_movielens_features_agree_with_the_trainers_offline_importer(movielens_dir):
+    """Online (replay) and offline (trainer importer) MovieLens events carry the same category,
+    item features and user profile, so a model trained on one reads the other the same way."""
+    importers = pytest.importorskip("trainer.importers")
+    if not hasattr(importers, "movielens_samples"):
+        pytest.skip("trainer importer not available")
+    samples = importers.movielens_samples(movielens_dir, limit=3000)
+    events, _, _ = replay([movielens_dir])
+    imps = [e for e in events if isinstance(e, Impression)][:3000]
+    for imp, s in zip(imps, samples):
+        assert (imp.user_id, imp.item_id, imp.ts) == (s.user_id, s.item_id, s.ts)
+        assert (imp.category_id, imp.item_features, imp.user_profile) == (s.category_id, s.item_features,
+                                                                           s.user_profile)
