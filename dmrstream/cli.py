@@ -167,3 +167,7 @@ app.command("simulate")(_simulate_command)
 from trainer.cli import evaluate as _evaluate_command  # noqa: E402
 
 app.command("evaluate")(_evaluate_command)
+from trainer.service_cli import models_app as _models_app, trainer as _trainer_command  # noqa: E402
+
+app.command("trainer")(_trainer_command)
+app.add_typer(_models_app, name="models")

@@ -27,6 +27,20 @@ FEATURESTORE_SECONDS = Histogram("dmrstream_featurestore_seconds", "Feature-stor
 FEATURESTORE_KEYS = Gauge("dmrstream_featurestore_keys", "Keys in a partition's store.", ["partition"])
 FEATURESTORE_BYTES = Gauge("dmrstream_featurestore_bytes", "Bytes on disk of a partition's store.", ["partition"])
 
+TRAINER_SAMPLES = Counter("dmrstream_trainer_samples_total", "Samples learned (repeats excluded).")
+TRAINER_REPEATS = Counter("dmrstream_trainer_repeated_samples_total", "Samples dropped as repeats by id.")
+TRAINER_SAMPLES_PER_S = Gauge("dmrstream_trainer_samples_per_second", "Learning rate since start, samples/s.")
+TRAINER_LOSS = Gauge("dmrstream_trainer_loss", "Training loss of the last batch.")
+TRAINER_QUALITY = Gauge("dmrstream_trainer_progressive", "Prequential metrics: auc_window, auc_cumulative, "
+                        "logloss_window, ctr_predicted_window, ctr_actual_window.", ["metric"])
+TRAINER_CHECKPOINTS = Counter("dmrstream_trainer_checkpoints_total", "Checkpoints written.")
+CHECKPOINT_AGE = Gauge("dmrstream_trainer_checkpoint_age_seconds", "Seconds since the last checkpoint.")
+PUBLISH_SECONDS = Histogram("dmrstream_publish_seconds", "Time to publish a model version.", ["kind"],
+                            buckets=_LATENCY_BUCKETS)
+PUBLISH_BYTES = Gauge("dmrstream_publish_bytes", "Size of the last published version file.", ["kind"])
+MODEL_VERSION = Gauge("dmrstream_model_version", "Model version published (trainer) or serving (scorer).",
+                      ["component"])
+
 
 def reason_kind(reason: str) -> str:
     """Low-cardinality label from a dead-letter reason ("invalid: ..." -> "invalid")."""

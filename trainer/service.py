@@ -1,0 +1,320 @@
+"""The trainer service: incremental DMR training from the ``samples`` topic.
+
+A background thread consumes, decodes, drops repeated sample ids and assembles fixed-shape
+batches (so the device never waits on Python parsing); the main thread scores each batch first
+(prequential metrics), then learns it. Checkpoints hold model + optimizer + the offsets of what
+was learned + metric state + the learned-ids log position, so a restart resumes exactly after the
+last checkpoint: nothing lost, nothing learned twice. Versions are published to the model store
+(full every ``full_every_s``, deltas every ``delta_every_s``) and announced on ``model-updates``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from kafka import TopicPartition
+
+from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter, encode
+from dmrstream.kafkaio import make_consumer, make_producer
+from dmrstream.settings import Settings
+from monitoring import metrics
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.features import samples_to_batch
+from trainer.model import build_model, build_optimizers, pick_device, predict, train_step
+from trainer.modelstore import ModelStore, split_delta
+from trainer.progressive import ProgressiveMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadyBatch:
+    """Decoded samples of one mini-batch and the offsets that learning them completes."""
+
+    samples: list[Sample]
+    offsets: dict[int, int]  # partition -> next offset after this batch's records
+
+
+class RecentIds:
+    """Bounded memory of learned sample ids: the streamer re-emits after a crash within seconds,
+    so repeats arrive close to their first copy."""
+
+    def __init__(self, limit: int = 500_000):
+        self.limit = limit
+        self.ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, sid: str) -> bool:
+        if sid in self.ids:
+            return False
+        self.ids[sid] = None
+        if len(self.ids) > self.limit:
+            self.ids.popitem(last=False)
+        return True
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self.ids
+
+
+class Trainer:
+    """Model, optimizers, metrics, publishing and checkpoints; no Kafka (see :func:`run`)."""
+
+    def __init__(self, settings: Settings, kind: str = "dmr", device: str | None = None):
+        self.settings = settings
+        if device:
+            settings = settings.model_copy(update={"trainer": settings.trainer.model_copy(update={"device": device})})
+        self.device = pick_device(settings)
+        self.model = build_model(settings, kind).to(self.device)
+        self.opts = build_optimizers(self.model, settings)
+        self.metrics = ProgressiveMetrics()
+        self.store = ModelStore(settings.model_store)
+        self.dir = Path(settings.state_dir) / "trainer"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.learned_log = self.dir / "learned_ids.log"
+        self.offsets: dict[int, int] = {}
+        self.samples_seen = 0
+        self.trained_until_ts = 0
+        self.version = 0  # last published by this run (0: none yet)
+        self.published_since_start = False
+        self.recent = RecentIds()
+        self.sparse_tables = [n + ".weight" for n, m in self.model.named_modules()
+                              if isinstance(m, torch.nn.Embedding) and m.sparse]
+        self.touched: dict[str, set[int]] = {t: set() for t in self.sparse_tables}
+        self._restore()
+        self._log = open(self.learned_log, "ab")
+        self.last_checkpoint = time.monotonic()
+        self.last_delta = self.last_full = time.monotonic()
+
+    # -- state ----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        ck = load_checkpoint(self.dir / "checkpoints")
+        log_len = 0
+        if ck is not None:
+            model_state, opt_state, meta, arrays = ck
+            self.model.load_state_dict(model_state)
+            self.opts.load_state_dict(opt_state)
+            self.metrics.load(arrays)
+            self.offsets = {int(p): o for p, o in meta["offsets"].items()}
+            self.samples_seen = meta["samples_seen"]
+            self.trained_until_ts = meta["trained_until_ts"]
+            log_len = meta["learned_log_bytes"]
+            log.info("resumed from checkpoint: %d samples, offsets %s", self.samples_seen, self.offsets)
+        # Learning after the checkpoint was lost with the process: forget it in the log too.
+        if self.learned_log.exists():
+            with open(self.learned_log, "r+b") as f:
+                f.truncate(log_len)
+            for sid in self.learned_log.read_bytes().decode().split("\n")[-self.recent.limit:]:
+                if sid:
+                    self.recent.add(sid)
+
+    def checkpoint(self) -> None:
+        self._log.flush()
+        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "samples_seen": self.samples_seen,
+                "trained_until_ts": self.trained_until_ts, "learned_log_bytes": self._log.tell()}
+        save_checkpoint(self.dir / "checkpoints", self.model, self.opts.state_dict(), meta, self.metrics.state())
+        self.last_checkpoint = time.monotonic()
+        metrics.TRAINER_CHECKPOINTS.inc()
+
+    # -- learning -------------------------------------------------------------------------
+    def learn(self, batch: ReadyBatch) -> dict[str, float]:
+        """Score the batch (prequential), then learn it; repeats by sample id are dropped."""
+        fresh, ids = [], set()
+        for s in batch.samples:  # repeats: already learned, or twice in this very batch
+            if s.sample_id not in self.recent and s.sample_id not in ids:
+                ids.add(s.sample_id)
+                fresh.append(s)
+        stats: dict[str, float] = {}
+        if fresh:
+            b = samples_to_batch(fresh, self.settings)
+            on_device = b.to_torch(self.device, non_blocking=self.device.type == "cuda",
+                                   pin=self.device.type == "cuda")
+            scores = predict(self.model, on_device).float().cpu().numpy()
+            self.metrics.update(scores, b.label)
+            stats = train_step(self.model, self.opts, on_device)
+            self._note_touched()
+            for s in fresh:
+                self.recent.add(s.sample_id)
+                self._log.write(s.sample_id.encode() + b"\n")
+            self.samples_seen += len(fresh)
+            self.trained_until_ts = max(self.trained_until_ts, max(s.ts for s in fresh))
+            metrics.TRAINER_SAMPLES.inc(len(fresh))
+            metrics.TRAINER_LOSS.set(stats.get("loss", float("nan")))
+        metrics.TRAINER_REPEATS.inc(len(batch.samples) - len(fresh))
+        self.offsets.update(batch.offsets)
+        return stats
+
+    def _note_touched(self) -> None:
+        params = dict(self.model.named_parameters())
+        for name in self.sparse_tables:
+            g = params[name].grad
+            if g is not None and g.is_sparse:
+                self.touched[name].update(g.coalesce().indices()[0].tolist())
+
+    # -- publishing -----------------------------------------------------------------------
+    def publish(self, kind: str) -> ModelUpdate:
+        """Publish a full or delta version; the first after a (re)start is always full, so the
+        chain never hangs on a version whose training this process no longer has."""
+        if kind == "delta" and not self.published_since_start:
+            kind = "full"
+        started = time.perf_counter()
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        version = max(self.store.latest_version(), self.version) + 1
+        base = self.version if kind == "delta" else None
+        tensors = state if kind == "full" else split_delta(
+            state, {t: torch.tensor(sorted(r), dtype=torch.int64) for t, r in self.touched.items()}, self.sparse_tables)
+        summary = {k: v for k, v in self.metrics.summary().items() if np.isfinite(v)}
+        meta = self.store.publish(version, kind, tensors, base_version=base, trained_until_ts=self.trained_until_ts,
+                                  samples_seen=self.samples_seen, metrics=summary)
+        self.version = version
+        self.published_since_start = True
+        self.touched = {t: set() for t in self.sparse_tables}
+        took = time.perf_counter() - started
+        metrics.PUBLISH_SECONDS.labels(kind).observe(took)
+        metrics.PUBLISH_BYTES.labels(kind).set(meta.size_bytes)
+        metrics.MODEL_VERSION.labels("trainer").set(version)
+        now = time.monotonic()
+        self.last_delta = now
+        if kind == "full":
+            self.last_full = now
+        log.info("published v%d (%s, %.1f kB, %.0f ms)", version, kind, meta.size_bytes / 1e3, took * 1e3)
+        return ModelUpdate(version=version, kind=kind, base_version=base, uri=self.store.uri_of(meta),
+                           sha256=meta.sha256, created_at=meta.created_at, trained_until_ts=max(self.trained_until_ts, 0),
+                           samples_seen=self.samples_seen, metrics=summary)
+
+    def due(self) -> str | None:
+        """"full", "delta" or None by the publishing schedule."""
+        t = self.settings.trainer
+        now = time.monotonic()
+        if self.samples_seen == 0:
+            return None
+        if not self.published_since_start or now - self.last_full >= t.full_every_s:
+            return "full"
+        if now - self.last_delta >= t.delta_every_s:
+            return "delta"
+        return None
+
+    def report_metrics(self) -> dict[str, float]:
+        summary = self.metrics.summary()
+        for name, value in summary.items():
+            if np.isfinite(value):
+                metrics.TRAINER_QUALITY.labels(name).set(value)
+        metrics.CHECKPOINT_AGE.set(time.monotonic() - self.last_checkpoint)
+        return summary
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class Prefetcher(threading.Thread):
+    """Consumes ``samples``, decodes, and hands out mini-batches by size or max wait."""
+
+    def __init__(self, settings: Settings, start_offsets: dict[int, int], out: "queue.Queue[ReadyBatch]",
+                 batch_size: int, max_wait_s: float):
+        super().__init__(daemon=True, name="trainer-prefetch")
+        self.settings, self.out = settings, out
+        self.batch_size, self.max_wait_s = batch_size, max_wait_s
+        self.start_offsets = start_offsets
+        self.stop = threading.Event()
+        self.codec = Codec(Sample, settings.limits)
+        self.topic = settings.topics.name("samples")
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # surfaced by the main loop, which exits non-zero
+            self.error = e
+
+    def _run(self) -> None:
+        consumer = make_consumer(self.settings, None, [])
+        producer = make_producer(self.settings)
+        parts = [TopicPartition(self.topic, p) for p in range(self.settings.topics.partitions)]
+        consumer.assign(parts)
+        for tp in parts:
+            if tp.partition in self.start_offsets:
+                consumer.seek(tp, self.start_offsets[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+        pending: list[Sample] = []
+        offsets: dict[int, int] = {}
+        first_at = None
+        while not self.stop.is_set():
+            records = consumer.poll(timeout_ms=100, max_records=self.batch_size)
+            for tp, recs in records.items():
+                for r in recs:
+                    offsets[tp.partition] = r.offset + 1
+                    try:
+                        pending.append(self.codec.decode(r.value))
+                    except ContractError as e:
+                        metrics.DEAD_LETTERS.labels("trainer", self.topic, metrics.reason_kind(e.reason)).inc()
+                        producer.send(self.settings.topics.name("dead_letters"), key=r.key, value=dead_letter(
+                            e.reason, r.value, "trainer", topic=self.topic, partition=tp.partition, offset=r.offset,
+                            key=r.key))
+            if (pending or offsets) and first_at is None:
+                first_at = time.monotonic()
+            if first_at is not None and (len(pending) >= self.batch_size
+                                         or time.monotonic() - first_at >= self.max_wait_s):
+                self.out.put(ReadyBatch(pending, offsets))
+                pending, offsets, first_at = [], {}, None
+        producer.close(timeout=5)
+        consumer.close()
+
+
+def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_seconds: float | None = None,
+        stop: threading.Event | None = None) -> Trainer:
+    """Train from the samples topic until ``stop`` is set (or ``max_seconds`` pass)."""
+    trainer = Trainer(settings, kind, device)
+    producer = make_producer(settings)
+    updates_topic = settings.topics.name("model_updates")
+    ready: queue.Queue[ReadyBatch] = queue.Queue(maxsize=8)
+    pre = Prefetcher(settings, trainer.offsets, ready, settings.model.batch_size, settings.trainer.max_wait_ms / 1000)
+    pre.start()
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + max_seconds if max_seconds else None
+    started, learned_at_start = time.perf_counter(), trainer.samples_seen
+    try:
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            if pre.error is not None:
+                raise RuntimeError("sample consumer failed") from pre.error
+            try:
+                batch = ready.get(timeout=0.2)
+                trainer.learn(batch)
+            except queue.Empty:
+                pass
+            kind_due = trainer.due()
+            if kind_due:
+                update = trainer.publish(kind_due)
+                producer.send(updates_topic, key=b"model", value=encode(update)).get(timeout=30)
+                trainer.checkpoint()  # publish and checkpoint together: a restart never re-bases
+                removed = trainer.store.prune(settings.trainer.keep_versions)
+                if removed:
+                    log.info("pruned versions %s", removed)
+            elif time.monotonic() - trainer.last_checkpoint >= settings.trainer.checkpoint_every_s:
+                trainer.checkpoint()
+            rate = (trainer.samples_seen - learned_at_start) / max(time.perf_counter() - started, 1e-9)
+            metrics.TRAINER_SAMPLES_PER_S.set(rate)
+            trainer.report_metrics()
+    finally:
+        pre.stop.set()
+        pre.join(10)
+        if stop.is_set() or deadline is not None:
+            trainer.checkpoint()
+        producer.close(timeout=5)
+        trainer.close()
+    return trainer
+
+
+def learned_ids(state_dir: Path | str) -> list[str]:
+    """The ids this trainer has learned, in order (for audits and tests)."""
+    path = Path(state_dir) / "trainer" / "learned_ids.log"
+    if not path.exists():
+        return []
+    return [s for s in path.read_bytes().decode().split("\n") if s]
+
