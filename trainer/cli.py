@@ -22,6 +22,7 @@ def evaluate(
     epochs: int = typer.Option(5, "--epochs", min=1, help="Offline: most epochs (early stopping)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N events in time order."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON result file (default: print only)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1 is robust on a busy machine)."),
 ) -> None:
     """Chronological split (last 10 % by time = test); prints test AUC and logloss mean +- std."""
     import torch
@@ -33,7 +34,7 @@ def evaluate(
     if mode not in ("prequential", "offline"):
         raise typer.BadParameter(f"unknown mode {mode!r}")
     settings = settings_of(ctx)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)
     samples = load_samples(str(data), settings.features.seq_len, limit)
     result = run(samples, settings, model, ablate, mode, list(range(seeds)), epochs,
                  log=lambda m: console.print(m, highlight=False))

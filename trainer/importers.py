@@ -109,9 +109,12 @@ def alimama_samples(path: str | Path) -> Iterator[Sample]:
             line = line.strip()
             if not line:
                 continue
-            c = [int(x) for x in line.split(",")]
-            if len(c) != 267:
-                raise ValueError(f"{path}:{n + 1}: {len(c)} columns, expected 267")
+            raw = line.split(",")
+            if len(raw) != 267:
+                raise ValueError(f"{path}:{n + 1}: {len(raw)} columns, expected 267")
+            # all integers but column 264 (the price, a float in the reference files)
+            c = [int(x) if j != 264 else 0 for j, x in enumerate(raw)]
+            price = float(raw[264])
             ts = ALIMAMA_T0_MS + n * 1000
             btag, cate, brand, mask = c[0:50], c[50:100], c[100:150], c[150:200]
             real = [j for j in range(50) if mask[j] == 1]  # index 49 is the most recent
@@ -122,5 +125,5 @@ def alimama_samples(path: str | Path) -> Iterator[Sample]:
                 hist_behaviors=[BTAG.get(btag[j], "click") for j in real],
                 hist_ts=[ts - (50 - j) for j in real],
                 user_profile=dict(zip(_PROFILE_COLS, c[251:259])),
-                item_features={"adgroup_id": c[259], "campaign_id": c[261], "customer": c[262], "price": c[264]},
+                item_features={"adgroup_id": c[259], "campaign_id": c[261], "customer": c[262], "price": round(price, 3)},
                 context={"pid": c[265]})

@@ -1,0 +1,206 @@
+"""DMR / DIN / LR: shapes, masking, the auxiliary loss's inputs, gradients, seeds, and learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dmrstream.contracts import Sample
+from dmrstream.settings import load_settings
+from trainer.evaluate import auc
+from trainer.features import samples_to_batch
+from trainer.model import (DMR, ModelConfig, PReLULast, build_model, build_optimizers, loss_of,
+                           masked_softmax, predict, train_step)
+
+
+def small_settings(**extra):
+    return load_settings(overrides={
+        "model.item_vocab_size": 4096, "model.category_vocab_size": 256, "model.user_vocab_size": 4096,
+        "model.field_vocab_size": 1024, "model.embedding_dim": 8, "model.small_embedding_dim": 4,
+        "model.mlp_hidden": [32, 16], "model.attention_hidden": [16, 8], "model.aux_negatives": 50,
+        "features.seq_len": 10, **extra})
+
+
+def make_samples(n: int, seed: int = 0, lengths=None) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(0, 13)) if lengths is None else lengths[i % len(lengths)]
+        items = rng.integers(0, 300, L).tolist()
+        out.append(Sample(
+            sample_id=f"s{i}", event_id=f"e{i}", user_id=int(rng.integers(0, 50)), item_id=int(rng.integers(0, 300)),
+            category_id=int(rng.integers(0, 10)), ts=10**12 + i, label=int(rng.integers(0, 2)),
+            hist_item_ids=items, hist_category_ids=[x % 10 for x in items], hist_behaviors=["click"] * L,
+            hist_ts=[10**12 - 1000 * (L - j) for j in range(L)],
+            counters={"user_impressions": float(i), "user_clicks": float(i // 2),
+                      "item_impressions": 3.0, "item_clicks": 1.0},
+            user_profile={"age": int(rng.integers(0, 5))}, context={"pid": 1}))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dmr", "din", "lr"])
+def test_output_shapes_and_probabilities(kind):
+    s = small_settings()
+    b = samples_to_batch(make_samples(17), s).to_torch()
+    model = build_model(s, kind)
+    logit, extras = model(b)
+    assert logit.shape == (17,)
+    p = predict(model, b)
+    assert p.shape == (17,) and bool(((p > 0) & (p < 1)).all())
+    if kind == "dmr":
+        assert extras["u2i_weights"].shape == (17, 10) and extras["i2i_weights"].shape == (17, 10)
+        assert extras["user_vector"].shape == (17, 8)
+
+
+def test_prelu_acts_on_last_dimension():
+    act = PReLULast(3)
+    with torch.no_grad():
+        act.weight.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    x = -torch.ones(2, 7, 3)  # (batch, T, channels): nn.PReLU(3) would use dim 1 (size 7)
+    assert torch.equal(act(x)[0, 0], torch.tensor([0.0, -0.5, -1.0]))
+
+
+def test_masked_softmax_zero_on_padding_and_empty_rows():
+    scores = torch.randn(3, 5) * 10
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    w = masked_softmax(scores, mask)
+    assert torch.all(w[0, :2] == 0) and torch.allclose(w[0].sum(), torch.tensor(1.0))
+    assert torch.all(w[1] == 0)  # all padding: zero weights, not uniform over padding
+    assert torch.allclose(w[2].sum(), torch.tensor(1.0))
+
+
+def test_padding_gets_zero_attention_and_padding_length_does_not_matter():
+    samples = make_samples(6, lengths=[0, 1, 3, 5, 7, 9])
+    s10, s30 = small_settings(), small_settings(**{"features.seq_len": 30})
+    torch.manual_seed(0)
+    m10 = build_model(s10, "dmr").eval()
+    # same weights in a model whose position table is longer: positions count from the newest
+    m30 = build_model(s30, "dmr").eval()
+    state = m10.state_dict()
+    state["inputs.position_emb.weight"] = torch.cat(
+        [state["inputs.position_emb.weight"], torch.zeros(20, state["inputs.position_emb.weight"].shape[1])])
+    m30.load_state_dict(state)
+    b10, b30 = samples_to_batch(samples, s10).to_torch(), samples_to_batch(samples, s30).to_torch()
+    with torch.no_grad():
+        l10, e10 = m10(b10)
+        l30, e30 = m30(b30)
+    assert torch.allclose(l10, l30, atol=1e-5)
+    for key in ("u2i_weights", "i2i_weights"):
+        w = e30[key]
+        assert torch.all(w[b30.mask == 0] == 0)
+        assert torch.allclose(w[:, -10:], e10[key], atol=1e-6)
+    assert torch.all(e30["u2i_weights"][0] == 0)  # the empty sequence
+
+
+def test_aux_loss_never_sees_the_behaviour_it_predicts():
+    s = small_settings()
+    samples = make_samples(8, lengths=[6])
+    model = build_model(s, "dmr").eval()
+    b1 = samples_to_batch(samples, s).to_torch()
+    changed = [Sample(**{**{f: getattr(x, f) for f in x.__struct_fields__},
+                         "hist_item_ids": x.hist_item_ids[:-1] + [999_999],
+                         "hist_category_ids": x.hist_category_ids[:-1] + [77],
+                         "hist_behaviors": x.hist_behaviors[:-1] + ["buy"]}) for x in samples]
+    b2 = samples_to_batch(changed, s).to_torch()
+    with torch.no_grad():
+        u1, u2 = model.aux_user_vector(b1), model.aux_user_vector(b2)
+        full1, full2 = model(b1)[1]["user_vector"], model(b2)[1]["user_vector"]
+    assert torch.allclose(u1, u2)            # the predicted (last) behaviour is invisible
+    assert not torch.allclose(full1, full2)  # ... while the full user vector does see it
+
+
+def test_aux_loss_masks_short_sequences():
+    s = small_settings()
+    model = build_model(s, "dmr").train()
+    short = samples_to_batch(make_samples(8, lengths=[0, 1]), s).to_torch()
+    _, extras = model(short)
+    assert float(extras["aux_loss"]) == 0.0
+    long = samples_to_batch(make_samples(8, lengths=[5]), s).to_torch()
+    assert float(model(long)[1]["aux_loss"].detach()) > 0.0
+
+
+def test_gradients_reach_both_item_tables_and_sparse_optimizer_moves_rows():
+    s = small_settings()
+    model = build_model(s, "dmr")
+    b = samples_to_batch(make_samples(32, lengths=[5, 8]), s).to_torch()
+    loss, _ = loss_of(model.train(), b)
+    loss.backward()
+    for table in (model.inputs.item_emb, model.target_item_emb):
+        g = table.weight.grad
+        assert g is not None and g.is_sparse and g.coalesce().values().abs().sum() > 0
+    before = model.target_item_emb.weight.detach().clone()
+    opts = build_optimizers(model, s)
+    assert opts.sparse is not None and any(p is model.target_item_emb.weight for p in opts.sparse.param_groups[0]["params"])
+    train_step(model, opts, b)
+    moved = (model.target_item_emb.weight != before).any(1)
+    assert moved.any() and moved.sum() < 200  # only touched rows change
+
+
+def test_shared_item_table_ablation_has_no_second_table():
+    s = small_settings()
+    model = build_model(s, "dmr", ["shared_item_table"])
+    assert not hasattr(model, "target_item_emb")
+    names = {n for n, _ in model.named_parameters()}
+    assert "u2i_scorer.first.weight" in names
+    off = build_model(s, "dmr", ["u2i", "i2i"])
+    assert not any(n.startswith(("u2i", "i2i")) for n, _ in off.named_parameters())
+    with pytest.raises(ValueError):
+        ModelConfig().ablated(["nonsense"])
+
+
+def test_reproducible_with_a_seed():
+    s = small_settings()
+    b = samples_to_batch(make_samples(64), s).to_torch()
+
+    def run():
+        torch.manual_seed(7)
+        model = build_model(s, "dmr")
+        opts = build_optimizers(model, s)
+        for _ in range(3):
+            train_step(model, opts, b)
+        return predict(model, b)
+
+    assert torch.equal(run(), run())
+
+
+def sequence_task(n: int, seed: int) -> list[Sample]:
+    """The click depends on the sequence only: 1 iff the target's category is the user's favourite
+    (the one their history is drawn from), with 5 % label noise. Items alone carry no signal."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        fav = int(rng.integers(0, 8))
+        L = int(rng.integers(2, 11))
+        hist = (rng.integers(0, 25, L) * 8 + fav).tolist()  # items of category fav (item % 8)
+        tgt = int(rng.integers(0, 25)) * 8 + (fav if rng.random() < 0.5 else int(rng.integers(0, 8)))
+        label = int(tgt % 8 == fav) ^ int(rng.random() < 0.05)
+        out.append(Sample(sample_id=f"q{i}", event_id=f"q{i}", user_id=int(rng.integers(0, 10**6)), item_id=tgt,
+                          category_id=tgt % 8, ts=10**12 + i, label=label, hist_item_ids=hist,
+                          hist_category_ids=[h % 8 for h in hist], hist_behaviors=["click"] * L,
+                          hist_ts=[10**12 - 10 * (L - j) for j in range(L)]))
+    return out
+
+
+@pytest.mark.slow
+def test_dmr_learns_a_sequence_dependent_click_that_lr_cannot():
+    s = small_settings(**{"model.learning_rate": 1e-2, "model.embedding_learning_rate": 3e-2})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small steps: one thread avoids oversubscription on a busy machine
+    train = samples_to_batch(sequence_task(6000, 1), s)
+    test = samples_to_batch(sequence_task(2000, 2), s).to_torch()
+    y = test.label.numpy()
+    result = {}
+    for kind in ("dmr", "lr"):
+        torch.manual_seed(0)
+        model = build_model(s, kind)
+        opts = build_optimizers(model, s)
+        rng = np.random.default_rng(0)
+        for _ in range(6):
+            perm = rng.permutation(len(train))
+            for i in range(0, len(perm), 200):
+                train_step(model, opts, train.slice(perm[i:i + 200]).to_torch())
+        result[kind] = auc(y, predict(model, test).numpy())
+    torch.set_num_threads(threads)
+    assert result["dmr"] > 0.85, result
+    assert result["lr"] < 0.62, result  # no interaction terms: near chance, its ceiling here
