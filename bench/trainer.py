@@ -1,0 +1,129 @@
+"""Trainer benchmark (not a test): end-to-end samples/s from the Kafka ``samples`` topic to the
+optimizer step (consume, decode, dedupe, batch assembly in the prefetch thread, prequential
+scoring, learning) next to the pure train-step rate at the same shape in the same run, and the
+size and time of full vs delta publishes.
+
+    .venv/bin/python bench/trainer.py
+
+Shape: batch 1024, T=50, embedding 32, 2^20-row item tables (as bench/train_step.py).
+2 shared cores: figures are noisy, the ratio is the figure to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from dmrstream.broker import LocalBroker  # noqa: E402
+from dmrstream.contracts import Sample, encode  # noqa: E402
+from dmrstream.kafkaio import create_topics, make_producer  # noqa: E402
+from dmrstream.settings import load_settings  # noqa: E402
+from train_step import BATCH, DIM, T, make_columns, measure  # noqa: E402
+from trainer.features import columns_to_batch  # noqa: E402
+from trainer.service import Prefetcher, Trainer  # noqa: E402
+
+BATCHES = int(os.environ.get("BENCH_BATCHES", "24"))
+
+
+def to_samples(cols: dict, offset: int) -> list[Sample]:
+    out = []
+    for i in range(len(cols["item_id"])):
+        c = cols["counters"][i]
+        out.append(Sample(
+            sample_id=f"s{offset + i}", event_id=f"s{offset + i}", user_id=cols["user_id"][i],
+            item_id=cols["item_id"][i], category_id=cols["category_id"][i], ts=cols["ts"][i] + offset + i,
+            label=cols["label"][i], hist_item_ids=cols["hist_item_ids"][i], hist_category_ids=cols["hist_category_ids"][i],
+            hist_behaviors=cols["hist_behaviors"][i], hist_ts=cols["hist_ts"][i],
+            user_profile=cols["user_profile"][i], context=cols["context"][i],
+            counters={"user_impressions": float(c[0]), "user_clicks": float(c[1]), "item_impressions": float(c[2]),
+                      "item_clicks": float(c[3])}))
+    return out
+
+
+def main() -> None:
+    console = Console()
+    rng = np.random.default_rng(0)
+    cols = [make_columns(rng, BATCH) for _ in range(4)]
+    with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        s = load_settings(overrides={
+            "kafka.bootstrap_servers": broker.bootstrap, "topics.prefix": "bt.", "topics.partitions": 4,
+            "model.batch_size": BATCH, "features.seq_len": T, "model.embedding_dim": DIM,
+            "trainer.max_wait_ms": 500, "state_dir": f"{tmp}/state", "model_store": f"{tmp}/models",
+            "trainer.delta_every_s": 1e9, "trainer.full_every_s": 1e9})
+        create_topics(s)
+        p = make_producer(s)
+        total = 0
+        for k in range(BATCHES):
+            for smp in to_samples(cols[k % 4], k * BATCH):
+                p.send(s.topics.name("samples"), key=str(smp.user_id).encode(), value=encode(smp))
+                total += 1
+        p.flush()
+        p.close()
+
+        torch.manual_seed(0)
+        trainer = Trainer(s, "dmr", "cpu")
+        # Pure step rate at the same shape, same process, same model (pre-built batches).
+        pure = measure(trainer.model, trainer.opts, [columns_to_batch(c, s) for c in cols], trainer.device, 15.0)
+
+        ready: queue.Queue = queue.Queue(maxsize=8)
+        pre = Prefetcher(s, {}, ready, BATCH, s.trainer.max_wait_ms / 1000)
+        pre.start()
+        first = trainer.learn(ready.get(timeout=60))  # warm: the consumer's first fetch is not the steady rate
+        assert first is not None
+        t0, n0 = time.perf_counter(), trainer.samples_seen
+        while trainer.samples_seen < total:
+            try:
+                trainer.learn(ready.get(timeout=30))
+            except queue.Empty:
+                break
+        e2e = (trainer.samples_seen - n0) / (time.perf_counter() - t0)
+        pre.stop.set()
+        pre.join(10)
+
+        t = time.perf_counter()
+        full = trainer.publish("full")
+        full_s = time.perf_counter() - t
+        b = columns_to_batch(cols[0], s)
+        from trainer.model import train_step
+        train_step(trainer.model, trainer.opts, b.to_torch(trainer.device))
+        trainer._note_touched()
+        t = time.perf_counter()
+        delta = trainer.publish("delta")
+        delta_s = time.perf_counter() - t
+        sizes = {m.version: m.size_bytes for m in trainer.store.versions()}
+        trainer.close()
+
+    table = Table(title=f"trainer: batch {BATCH}, T={T}, embedding {DIM}, 2^20-row item tables, {total:,} samples, cpu")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [("pure train step samples/s (same model, pre-built batches)", f"{pure:,.0f}"),
+            ("end to end Kafka -> optimizer samples/s", f"{e2e:,.0f}"),
+            ("end to end / pure step", f"{e2e / pure:.2f}  (target >= 0.80)"),
+            ("full publish: size, time", f"{sizes[full.version] / 1e6:,.1f} MB, {full_s * 1e3:,.0f} ms"),
+            ("delta publish (one batch of rows): size, time", f"{sizes[delta.version] / 1e6:,.2f} MB, {delta_s * 1e3:,.0f} ms"),
+            ("delta / full size", f"{sizes[delta.version] / sizes[full.version]:.4f}")]
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print("shared 2-core machine: noisy; no CUDA here, the GPU path is not measured")
+    print(json.dumps({"pure_step_samples_per_s": round(pure), "e2e_samples_per_s": round(e2e),
+                      "e2e_vs_pure_ratio": round(e2e / pure, 3), "full_publish_bytes": sizes[full.version],
+                      "full_publish_ms": round(full_s * 1e3), "delta_publish_bytes": sizes[delta.version],
+                      "delta_publish_ms": round(delta_s * 1e3)}))
+
+
+if __name__ == "__main__":
+    main()
