@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import msgspec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed seq_hashes
 USER, DEDUPE, ITEM, OFFSET, EXTRA, META = b"s/", b"d/", b"i/", b"o/", b"x/", b"m/"
 
 # Behaviour codes as in the Alimama reference layout (vocabulary 5, 0 = padding).
@@ -94,9 +94,10 @@ class UserRecord(msgspec.Struct, array_like=True):
 
 class DedupeRecord(msgspec.Struct, array_like=True):
     """Event-id hashes remembered per user: the kept behaviours' (parallel to ``UserRecord``)
-    and the most recently arrived impressions' (bounded FIFO, hashes and ts packed 8 bytes each)."""
+    and the most recently arrived impressions' (bounded FIFO, hashes and ts packed 8 bytes each).
+    All packed little-endian (hashes unsigned): a bytes copy to decode, no int objects."""
 
-    seq_hashes: list[int] = []
+    seq_hashes: bytes = b""
     imp_hashes: bytes = b""
     imp_ts: bytes = b""
     imp_floor_ts: int = -1          # newest ts among forgotten impression ids

@@ -26,11 +26,13 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from operator import itemgetter
+from struct import Struct
 from typing import Any
 
 from featurestore.codec import DedupeRecord, ItemRecord, UserRecord, pack_ids, unpack_ids
 
 _KEY = itemgetter(0, 1)
+_I64, _U64 = Struct("<q"), Struct("<Q")
 
 
 def empty_counter() -> list[int]:
@@ -72,6 +74,27 @@ def counter_add(c: list[int], ts: int, points: int) -> None:
         c[k] += 1
 
 
+def counter_extend(c: list[int], times: list[int], points: int) -> None:
+    """``counter_add`` of every time in ``times`` (sorted ascending), in one pass when they are
+    all newer than the kept times (a stream in order: the usual case)."""
+    n = len(c)
+    if n > 1 and times[0] <= c[n - 2]:
+        for ts in times:
+            counter_add(c, ts, points)
+        return
+    total, prev = c[0], None
+    for ts in times:
+        if ts != prev:  # a new distinct time: the events before it are the total so far
+            c.append(ts)
+            c.append(total)
+            prev = ts
+        total += 1
+    c[0] = total
+    excess = len(c) - 1 - 2 * points
+    if excess > 0:  # keep the newest ``points`` times, as counter_add's trimming does
+        del c[1:1 + excess]
+
+
 def counter_as_of(c: list[int], as_of: int | None) -> int:
     """Events counted strictly before ``as_of`` (all of them when ``as_of`` is None)."""
     n = len(c)
@@ -107,40 +130,45 @@ class Outcome:
 def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep: int,
                      out: Outcome) -> list[tuple]:
     """Add behaviours ``(ts, hash, item, cat, code)`` to the user's sequence; returns the ones
-    that were accepted (neither duplicate nor too old), for the counters."""
-    ts_l = array("q", user.ts).tolist() if isinstance(user.ts, (bytes, bytearray)) else list(user.ts)
-    h_l = dd.seq_hashes
-    n = len(ts_l)
-    floor = (ts_l[0], h_l[0]) if n >= keep else None
-    seen = set(h_l)
-    accepted = []
+    that were accepted (neither duplicate nor too old), sorted by (ts, hash), for the counters."""
+    ts_b, hashes = user.ts, dd.seq_hashes
+    n = len(ts_b) >> 3
     new.sort(key=_KEY)
+    newest = (_I64.unpack_from(ts_b, 8 * n - 8)[0], _U64.unpack_from(hashes, 8 * n - 8)[0]) if n else None
+    floor = (_I64.unpack_from(ts_b, 0)[0], _U64.unpack_from(hashes, 0)[0]) if n >= keep else None
+    fresh: set[int] = set()
+    accepted = []
     for ev in new:
-        if floor is not None and (ev[0], ev[1]) < floor:
+        key = (ev[0], ev[1])
+        if floor is not None and key < floor:
             out.too_old += 1
-        elif ev[1] in seen:
+        # The kept hashes stay packed: one C-speed find per event (an aligned match is rare,
+        # only then the alignment check), instead of building a set of them per user.
+        elif ev[1] in fresh or (hashes.find(p := ev[1].to_bytes(8, "little")) != -1
+                                and contains_hash(hashes, p)):
             out.duplicates += 1
         else:
-            seen.add(ev[1])
+            fresh.add(ev[1])
             accepted.append(ev)
     if not accepted:
         return accepted
-    in_order = n == 0 or _KEY(accepted[0]) > (ts_l[-1], h_l[-1])
+    in_order = newest is None or _KEY(accepted[0]) > newest
     if in_order and type(user.items) is bytes and type(user.cats) is bytes:
         # Common case: newer behaviours, int ids: append packed bytes, no list round trip.
         new_items, new_cats = pack_ids([e[2] for e in accepted]), pack_ids([e[3] for e in accepted])
         if type(new_items) is bytes and type(new_cats) is bytes:
             cut = max(0, n + len(accepted) - keep)
-            user.ts = (user.ts + array("q", [e[0] for e in accepted]).tobytes())[8 * cut:]
+            user.ts = (ts_b + array("q", [e[0] for e in accepted]).tobytes())[8 * cut:]
             user.items = (user.items + new_items)[8 * cut:]
             user.cats = (user.cats + new_cats)[8 * cut:]
-            user.behaviors = (user.behaviors + bytes(e[4] for e in accepted))[cut:]
-            dd.seq_hashes = (h_l + [e[1] for e in accepted])[cut:]
+            user.behaviors = (user.behaviors + bytes([e[4] for e in accepted]))[cut:]
+            dd.seq_hashes = (hashes + array("Q", [e[1] for e in accepted]).tobytes())[8 * cut:]
             return accepted
+    ts_l, h_l = array("q", ts_b).tolist(), array("Q", hashes).tolist()
     items, cats, codes = unpack_ids(user.items), unpack_ids(user.cats), user.behaviors
     if in_order:
         ts_l.extend(e[0] for e in accepted)
-        h_l = h_l + [e[1] for e in accepted]
+        h_l.extend(e[1] for e in accepted)
         items = items + [e[2] for e in accepted]
         cats = cats + [e[3] for e in accepted]
         codes = codes + bytes(e[4] for e in accepted)
@@ -154,7 +182,7 @@ def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep:
     cut = max(0, len(ts_l) - keep)
     user.ts = array("q", ts_l[cut:]).tobytes()
     user.items, user.cats, user.behaviors = pack_ids(items[cut:]), pack_ids(cats[cut:]), codes[cut:]
-    dd.seq_hashes = h_l[cut:]
+    dd.seq_hashes = array("Q", h_l[cut:]).tobytes()
     return accepted
 
 

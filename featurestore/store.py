@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from array import array
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
@@ -22,12 +22,16 @@ from rocksdict import (AccessType, BlockBasedOptions, Cache, Checkpoint, DBCompr
 from dmrstream.contracts import Click, Impression
 from dmrstream.settings import FeatureSettings, Settings
 from featurestore import logic
+from featurestore.cache import RecordCache
 from featurestore.codec import (BEHAVIOR_CODES, BEHAVIOR_NAMES, DEDUPE, EXTRA, ITEM, META, OFFSET, USER,
                                 DedupeRecord, ItemRecord, UserRecord, decode, encode, event_hash, id_bytes,
                                 id_from_bytes, last_active, offset_from_key, offset_key, pack_int, unpack_ids, unpack_int)
 from featurestore.reads import SequenceBatch, counters_dict, fill_sequences
 
 _BY_TS = attrgetter("ts")
+# Default bound of a partition's record cache: holds ~25k users' records (sequence + dedupe)
+# plus hot items, a partition's working set at the sizes the SPEC plans for.
+RECORD_CACHE_MB = 64
 
 
 class Behaviour(NamedTuple):
@@ -58,10 +62,13 @@ class PartitionStore:
 
     ``settings`` is the whole :class:`Settings` or its ``features`` section. Open read-only to
     inspect a store that a running worker holds (RocksDB locks a directory to one writer).
+    ``record_cache_mb`` bounds the write-through cache of encoded records (see
+    :mod:`featurestore.cache`); 0 disables it.
     """
 
     def __init__(self, path: str | os.PathLike, settings: Settings | FeatureSettings | None = None, *,
-                 read_only: bool = False, cache: Cache | None = None):
+                 read_only: bool = False, cache: Cache | None = None,
+                 record_cache_mb: float = RECORD_CACHE_MB):
         fs = settings.features if isinstance(settings, Settings) else (settings or FeatureSettings())
         self.path = Path(path)
         self.settings = fs
@@ -74,6 +81,8 @@ class PartitionStore:
         self._db = Rdict(str(self.path), _options(fs, cache), access_type=access)
         self._write_opt = WriteOptions()
         self._write_opt.sync = fs.fsync
+        # Read-only handles see a fixed view and gain nothing from it: cache only for the owner.
+        self._cache = RecordCache(0 if read_only else int(record_cache_mb * (1 << 20)))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -98,26 +107,13 @@ class PartitionStore:
         write. Events already applied change nothing. Returns tallies: behaviours, impressions
         (newly applied), duplicates, too_old, rejected (not an event this store understands)."""
         out = logic.Outcome()
-        by_user: dict[bytes, list] = {}
-        for ev in events:
-            t = type(ev)
-            if (t is not Click and t is not Impression) or (t is Click and ev.behavior not in BEHAVIOR_CODES):
-                out.rejected += 1
-                continue
-            try:
-                uk = id_bytes(ev.user_id)
-            except (TypeError, ValueError, OverflowError):
-                out.rejected += 1
-                continue
-            group = by_user.get(uk)
-            if group is None:
-                by_user[uk] = [ev]
-            else:
-                group.append(ev)
-
+        by_user = _group_by_user(events, out)
         wb = WriteBatch(raw_mode=True)
+        records: list[tuple[bytes, bytes]] = []  # cached after the write succeeds
         if by_user:
-            self._apply_users(by_user, wb, out)
+            self._apply_users(by_user, records, out)
+        for key, value in records:
+            wb.put(key, value)
         for (topic, partition), offset in (offsets or {}).items():
             wb.put(offset_key(topic, partition), pack_int(offset))
         for key, value in (extra_puts or {}).items():
@@ -126,16 +122,22 @@ class PartitionStore:
             wb.delete(EXTRA + key)
         if not wb.is_empty():
             self._db.write(wb, self._write_opt)
+            self._cache.put_many(records)
         return out.as_dict()
 
-    def _apply_users(self, by_user: dict[bytes, list], wb: WriteBatch, out: logic.Outcome) -> None:
+    def _get_many(self, keys: list[bytes]) -> list:
+        """Values of record keys (user, dedupe, item), through the write-through cache."""
+        return self._cache.get_many(keys, self._db.get)
+
+    def _apply_users(self, by_user: dict[bytes, list], records: list, out: logic.Outcome) -> None:
         keep, points, dedupe_n = self.keep, self.settings.counter_points, self.settings.dedupe_ids_per_user
         ukeys = list(by_user)
         n = len(ukeys)
-        raws = self._db.get([USER + k for k in ukeys] + [DEDUPE + k for k in ukeys])
-        # item key -> [(ts, is_click, category, features)] of the accepted events
-        item_events: dict[bytes, list] = {}
-        counter_add = logic.counter_add
+        raws = self._get_many([USER + k for k in ukeys] + [DEDUPE + k for k in ukeys])
+        # raw item id -> [(ts, is_click, category, features)] of the accepted events; keyed by the
+        # raw id so that id_bytes runs once per distinct item, not once per event.
+        item_events: dict[Any, list] = {}
+        ev_hash = event_hash
         for i, uk in enumerate(ukeys):
             raw_user = raws[i]
             user = decode(UserRecord, raw_user)
@@ -146,7 +148,7 @@ class PartitionStore:
             behaviours, imps = [], []
             for ev in evs:
                 if type(ev) is Click:
-                    behaviours.append((ev.ts, event_hash(ev.event_id), ev.item_id, ev.category_id,
+                    behaviours.append((ev.ts, ev_hash(ev.event_id), ev.item_id, ev.category_id,
                                        BEHAVIOR_CODES[ev.behavior]))
                 else:
                     imps.append(ev)
@@ -156,54 +158,90 @@ class PartitionStore:
                 out.behaviours += len(accepted)
                 for ts, _, item, cat, code in accepted:
                     if code == 1:
-                        clicked.append((ts, item, cat))
+                        clicked.append(ts)
+                        row = (ts, True, cat, None)
                     else:
-                        _item_event(item_events, item, ts, None, cat, None)
-                    if ts > last:
-                        last = ts
+                        row = (ts, None, cat, None)
+                    lst = item_events.get(item)
+                    if lst is None:
+                        item_events[item] = [row]
+                    else:
+                        lst.append(row)
+                if accepted and accepted[-1][0] > last:  # accepted is sorted by ts
+                    last = accepted[-1][0]
             new_imps = []
             if imps:
                 blob, ts_blob = bytearray(dd.imp_hashes), array("q", dd.imp_ts)
                 for ev in imps:
-                    if logic.accept_impression(dd, blob, ts_blob, event_hash(ev.event_id), ev.ts, out):
+                    if logic.accept_impression(dd, blob, ts_blob, ev_hash(ev.event_id), ev.ts, out):
                         new_imps.append(ev)
                 logic.trim_impressions(dd, blob, ts_blob, dedupe_n)
                 out.impressions += len(new_imps)
             # Counters in event-time order (imps is sorted; clicks come sorted by (ts, hash)).
-            for ts, item, cat in clicked:
-                counter_add(user.clicks, ts, points)
-                _item_event(item_events, item, ts, True, cat, None)
-            for ev in new_imps:
-                ts = ev.ts
-                counter_add(user.impressions, ts, points)
-                _item_event(item_events, ev.item_id, ts, False, ev.category_id, ev.item_features)
-                if ev.user_profile and ts >= user.profile_ts:
-                    user.profile, user.profile_ts = dict(ev.user_profile), ts
-                if ts > last:
-                    last = ts
+            if clicked:
+                logic.counter_extend(user.clicks, clicked, points)
+            if new_imps:
+                logic.counter_extend(user.impressions, [ev.ts for ev in new_imps], points)
+                for ev in new_imps:
+                    ts = ev.ts
+                    row = (ts, False, ev.category_id, ev.item_features)
+                    lst = item_events.get(ev.item_id)
+                    if lst is None:
+                        item_events[ev.item_id] = [row]
+                    else:
+                        lst.append(row)
+                    if ev.user_profile and ts >= user.profile_ts:
+                        user.profile, user.profile_ts = dict(ev.user_profile), ts
+                if new_imps[-1].ts > last:
+                    last = new_imps[-1].ts
             if accepted or new_imps:  # an all-duplicate batch writes nothing
-                wb.put(USER + uk, encode(user, last))
-                wb.put(DEDUPE + uk, encode(dd, last))
+                records.append((USER + uk, encode(user, last)))
+                records.append((DEDUPE + uk, encode(dd, last)))
         if item_events:
-            self._apply_items(item_events, wb, points)
+            self._apply_items(item_events, records, points)
 
-    def _apply_items(self, item_events: dict[bytes, list], wb: WriteBatch, points: int) -> None:
-        ikeys = list(item_events)
-        raws = self._db.get([ITEM + k for k in ikeys])
+    def _apply_items(self, item_events: dict[Any, list], records: list, points: int) -> None:
+        by_key: dict[bytes, list] = {}
+        for item, rows in item_events.items():
+            key = id_bytes(item)
+            if key in by_key:  # e.g. 1 and True: the same stored id
+                by_key[key].extend(rows)
+            else:
+                by_key[key] = rows
+        ikeys = list(by_key)
+        raws = self._get_many([ITEM + k for k in ikeys])
         for key, raw in zip(ikeys, raws):
             item = decode(ItemRecord, raw)
             last = last_active(raw) if raw is not None else -1
-            evs = item_events[key]
-            evs.sort(key=_first)
+            evs = by_key[key]
+            if len(evs) > 1:
+                evs.sort(key=_first)  # stable: equal times keep arrival order
+            clicks, imps = [], []
+            # logic.update_item inlined (one call per event was a tenth of the append time).
+            f_ts, category, feats = item.features_ts, item.category_id, None
             for ts, is_click, cat, features in evs:
                 if is_click is True:
-                    logic.counter_add(item.clicks, ts, points)
+                    clicks.append(ts)
                 elif is_click is False:
-                    logic.counter_add(item.impressions, ts, points)
-                logic.update_item(item, ts, cat, features)
-                if ts > last:
-                    last = ts
-            wb.put(ITEM + key, encode(item, last))
+                    imps.append(ts)
+                if ts >= f_ts:
+                    f_ts = ts
+                    if cat is not None:
+                        category = cat
+                    if features:
+                        feats = features
+                elif category is None:
+                    category = cat
+            item.features_ts, item.category_id = f_ts, category
+            if feats is not None:
+                item.features = dict(feats)
+            if clicks:
+                logic.counter_extend(item.clicks, clicks, points)
+            if imps:
+                logic.counter_extend(item.impressions, imps, points)
+            if evs[-1][0] > last:
+                last = evs[-1][0]
+            records.append((ITEM + key, encode(item, last)))
 
     def rebuild_from(self, events: Iterable[Impression | Click], batch_size: int = 10_000) -> dict[str, int]:
         """Apply an event log (e.g. a partition's input topics replayed from the beginning) in
@@ -249,7 +287,7 @@ class PartitionStore:
 
     # -- reads ------------------------------------------------------------------------------
     def _user(self, user_id: Any) -> UserRecord | None:
-        raw = self._db.get(USER + id_bytes(user_id))
+        raw = self._get_many([USER + id_bytes(user_id)])[0]
         return None if raw is None else decode(UserRecord, raw)
 
     def get_sequence(self, user_id: Any, as_of: int | None = None, limit: int | None = None) -> list[Behaviour]:
@@ -269,30 +307,30 @@ class PartitionStore:
 
         ``as_of``: None, one event time for all, or one per user (array-like): only behaviours
         strictly before it. Left-padded, most recent at index ``T-1`` (see :class:`SequenceBatch`)."""
-        raws = self._db.get([USER + id_bytes(u) for u in user_ids])
+        raws = self._get_many([USER + id_bytes(u) for u in user_ids])
         return fill_sequences(user_ids, raws, as_of, T or self.seq_len)
 
     def counters_as_of(self, user_id: Any, item_id: Any, as_of: int | None) -> dict[str, float]:
         """Point-in-time counters: events strictly before ``as_of``. Keys: ``user_impressions``,
         ``user_clicks``, ``item_impressions``, ``item_clicks``. Item counters are this
         partition's view (events of the users this partition holds)."""
-        raw_user, raw_item = self._db.get([USER + id_bytes(user_id), ITEM + id_bytes(item_id)])
+        raw_user, raw_item = self._get_many([USER + id_bytes(user_id), ITEM + id_bytes(item_id)])
         return counters_dict(raw_user, raw_item, as_of)
 
     def counters_many(self, user_ids: list, item_ids: list, as_of: Any) -> list[dict[str, float]]:
         """:meth:`counters_as_of` for many (user, item) pairs in one multi-get; ``as_of`` is one
         time or one per pair."""
         n = len(user_ids)
-        raws = self._db.get([USER + id_bytes(u) for u in user_ids] + [ITEM + id_bytes(i) for i in item_ids])
+        raws = self._get_many([USER + id_bytes(u) for u in user_ids] + [ITEM + id_bytes(i) for i in item_ids])
         times = as_of if hasattr(as_of, "__len__") else [as_of] * n
         return [counters_dict(raws[j], raws[n + j], None if times[j] is None else int(times[j])) for j in range(n)]
 
     def has_user(self, user_id: Any) -> bool:
-        return self._db.get(USER + id_bytes(user_id)) is not None
+        return self._get_many([USER + id_bytes(user_id)])[0] is not None
 
     def user_counters(self, user_id: Any, as_of: int | None = None) -> dict[str, float]:
         """``user_impressions`` and ``user_clicks`` strictly before ``as_of``."""
-        out = counters_dict(self._db.get(USER + id_bytes(user_id)), None, as_of)
+        out = counters_dict(self._get_many([USER + id_bytes(user_id)])[0], None, as_of)
         return {k: v for k, v in out.items() if k.startswith("user_")}
 
     def user_profile(self, user_id: Any) -> dict[str, Any] | None:
@@ -301,7 +339,7 @@ class PartitionStore:
 
     def item_features(self, item_id: Any) -> dict[str, Any] | None:
         """Latest-known ``{"category_id": ..., **side features}`` of an item, or None."""
-        raw = self._db.get(ITEM + id_bytes(item_id))
+        raw = self._get_many([ITEM + id_bytes(item_id)])[0]
         if raw is None:
             return None
         item = decode(ItemRecord, raw)
@@ -321,17 +359,21 @@ class PartitionStore:
         cutoff = now_ms - int(days * 86_400_000)
         dropped = {"users": 0, "items": 0}
         wb = WriteBatch(raw_mode=True)
+        gone: list[bytes] = []
         for k, v in self._scan(USER):
             if last_active(v) < cutoff:
                 wb.delete(k)
                 wb.delete(DEDUPE + k[len(USER):])
+                gone += (k, DEDUPE + k[len(USER):])
                 dropped["users"] += 1
         for k, v in self._scan(ITEM):
             if last_active(v) < cutoff:
                 wb.delete(k)
+                gone.append(k)
                 dropped["items"] += 1
         wb.put(META + b"last_sweep_cutoff", pack_int(cutoff))
         self._db.write(wb, self._write_opt)
+        self._cache.discard(gone)
         return dropped
 
     def stats(self, exact: bool = True) -> dict[str, Any]:
@@ -393,24 +435,50 @@ class PartitionStore:
             n += 1
             if n % batch_size == 0:
                 self._db.write(wb, self._write_opt)
+                self._cache.clear()  # rare bulk load: simpler than tracking the keys
                 wb = WriteBatch(raw_mode=True)
         if not wb.is_empty():
             self._db.write(wb, self._write_opt)
+        self._cache.clear()
         return n
 
 
-def _first(row: tuple) -> int:
-    return row[0]
+_first = itemgetter(0)  # a C key function: sorting calls it once per event
 
 
-def _item_event(item_events: dict, item: Any, ts: int, is_click: bool | None, cat: Any, features: Any) -> None:
-    key = id_bytes(item)
-    row = (ts, is_click, cat, features)
-    lst = item_events.get(key)
-    if lst is None:
-        item_events[key] = [row]
-    else:
-        lst.append(row)
+def _group_by_user(events: Iterable, out: logic.Outcome) -> dict[bytes, list]:
+    """Valid events grouped by user key (arrival order kept within a user); the rest rejected.
+
+    Grouping by the raw id first means one ``id_bytes`` per distinct user, not per event."""
+    by_id: dict[Any, list] = {}
+    codes = BEHAVIOR_CODES
+    for ev in events:
+        t = type(ev)
+        if (t is not Click and t is not Impression) or (t is Click and ev.behavior not in codes):
+            out.rejected += 1
+            continue
+        uid = ev.user_id
+        try:
+            group = by_id.get(uid)
+        except TypeError:  # unhashable: not an id
+            out.rejected += 1
+            continue
+        if group is None:
+            by_id[uid] = [ev]
+        else:
+            group.append(ev)
+    by_user: dict[bytes, list] = {}
+    for uid, group in by_id.items():
+        try:
+            uk = id_bytes(uid)
+        except (TypeError, ValueError, OverflowError):
+            out.rejected += len(group)
+            continue
+        if uk in by_user:  # e.g. 1 and True: the same stored id
+            by_user[uk].extend(group)
+        else:
+            by_user[uk] = group
+    return by_user
 
 
 def directory_bytes(path: str | os.PathLike) -> int:

@@ -73,3 +73,18 @@ def test_contains_hash_only_matches_aligned_entries():
     assert logic.contains_hash(blob, (2).to_bytes(8, "little"))
     assert not logic.contains_hash(blob, blob[3:11])  # present as bytes, but straddles two entries
     assert not logic.contains_hash(blob, (3).to_bytes(8, "little"))
+
+
+@given(st.lists(st.integers(0, 40), max_size=30), st.lists(st.integers(0, 60), min_size=1, max_size=30),
+       st.integers(1, 8))
+@settings(max_examples=300, deadline=None)
+def test_counter_extend_equals_repeated_counter_add(before, times, points):
+    a, b = logic.empty_counter(), logic.empty_counter()
+    for t in before:
+        logic.counter_add(a, t, points)
+        logic.counter_add(b, t, points)
+    times.sort()
+    for t in times:
+        logic.counter_add(a, t, points)
+    logic.counter_extend(b, times, points)
+    assert a == b
