@@ -50,6 +50,18 @@ def id_bytes(value: Id) -> bytes:
     return b"i" + int(value).to_bytes(8, "big", signed=True)
 
 
+_INT_KEY = struct.Struct(">2scq")
+
+
+def id_keys(prefix: bytes, values: list) -> list[bytes]:
+    """``prefix + id_bytes(v)`` for many ids (a 2-byte prefix); ints packed in one C call each."""
+    pack = _INT_KEY.pack
+    try:
+        return [pack(prefix, b"i", v) if type(v) is int else prefix + id_bytes(v) for v in values]
+    except struct.error:  # an int beyond int64: let id_bytes raise its usual error
+        return [prefix + id_bytes(v) for v in values]
+
+
 def id_from_bytes(raw: bytes) -> Id:
     tag, body = raw[:1], raw[1:]
     if tag == b"i":
@@ -113,9 +125,11 @@ class ItemRecord(msgspec.Struct, array_like=True):
     clicks: list[int] = msgspec.field(default_factory=lambda: [0])
 
 
-class SequenceView(msgspec.Struct, array_like=True):
+class SequenceView(msgspec.Struct, array_like=True, gc=False):
     """The first four fields of a :class:`UserRecord`: what reads decode (the trailing
-    counters and profile are skipped, not built)."""
+    counters and profile are skipped, not built). Not tracked by the garbage collector (it
+    holds no containers of its own objects): 256 of them per read would otherwise trigger
+    collections, which show up as read-latency spikes."""
 
     items: bytes | list[Id] = b""
     cats: bytes | list[Id] = b""
@@ -161,13 +175,13 @@ def last_active(raw: bytes) -> int:
     return ts
 
 
-def pack_ids(ids: list) -> bytes | list:
+def pack_ids(ids: list | tuple) -> bytes | list:
     """A column of ids: packed int64 (no Python objects to decode, straight into numpy) when
-    they are all ints, else the list itself (strings, or a mix)."""
+    they are all ints, else a list of them (strings, or a mix)."""
     try:
         return array("q", ids).tobytes()
     except (TypeError, OverflowError):
-        return ids
+        return list(ids)
 
 
 def unpack_ids(column: bytes | list) -> list:

@@ -155,14 +155,15 @@ def merge_behaviours(user: UserRecord, dd: DedupeRecord, new: list[tuple], keep:
     in_order = newest is None or _KEY(accepted[0]) > newest
     if in_order and type(user.items) is bytes and type(user.cats) is bytes:
         # Common case: newer behaviours, int ids: append packed bytes, no list round trip.
-        new_items, new_cats = pack_ids([e[2] for e in accepted]), pack_ids([e[3] for e in accepted])
+        new_ts, new_h, new_items, new_cats, new_codes = zip(*accepted)  # columns in one C call
+        new_items, new_cats = pack_ids(new_items), pack_ids(new_cats)
         if type(new_items) is bytes and type(new_cats) is bytes:
             cut = max(0, n + len(accepted) - keep)
-            user.ts = (ts_b + array("q", [e[0] for e in accepted]).tobytes())[8 * cut:]
+            user.ts = (ts_b + array("q", new_ts).tobytes())[8 * cut:]
             user.items = (user.items + new_items)[8 * cut:]
             user.cats = (user.cats + new_cats)[8 * cut:]
-            user.behaviors = (user.behaviors + bytes([e[4] for e in accepted]))[cut:]
-            dd.seq_hashes = (hashes + array("Q", [e[1] for e in accepted]).tobytes())[8 * cut:]
+            user.behaviors = (user.behaviors + bytes(new_codes))[cut:]
+            dd.seq_hashes = (hashes + array("Q", new_h).tobytes())[8 * cut:]
             return accepted
     ts_l, h_l = array("q", ts_b).tolist(), array("Q", hashes).tolist()
     items, cats, codes = unpack_ids(user.items), unpack_ids(user.cats), user.behaviors

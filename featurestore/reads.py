@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from featurestore import logic
 from featurestore.codec import FormatError, ItemRecord, UserRecord, decode, decode_sequences, unpack_ids
 
+_BEHAVIORS = attrgetter("behaviors")
 COUNTER_KEYS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks")
 
 
@@ -34,7 +36,7 @@ class SequenceBatch:
 
 
 def _ids_array(columns: list, n: int, T: int, dest: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    if all(type(c) is bytes for c in columns):  # every id an int: no Python objects at all
+    if set(map(type, columns)) <= {bytes}:  # every id an int: no Python objects at all
         src = np.frombuffer(b"".join(columns), dtype="<i8")
     else:
         flat = list(chain.from_iterable(map(unpack_ids, columns)))
@@ -49,10 +51,10 @@ def fill_sequences(user_ids: list, raws: list, as_of: Any, T: int) -> SequenceBa
     n = len(user_ids)
     recs = decode_sequences(raws)
     lengths = np.zeros(n, dtype=np.int64)
-    present = np.fromiter((r is not None for r in raws), dtype=bool, count=n)
+    present = np.array(raws, dtype=object) != None  # noqa: E711 (elementwise, C speed)
     if len(recs) != present.sum():
         raise FormatError("user record of an unknown format version")
-    lengths[present] = [len(r.behaviors) for r in recs]
+    lengths[present] = list(map(len, map(_BEHAVIORS, recs)))
     ends = np.cumsum(lengths)
     starts = ends - lengths
     row_of = np.repeat(np.arange(n), lengths)

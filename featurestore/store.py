@@ -25,7 +25,7 @@ from featurestore import logic
 from featurestore.cache import RecordCache
 from featurestore.codec import (BEHAVIOR_CODES, BEHAVIOR_NAMES, DEDUPE, EXTRA, ITEM, META, OFFSET, USER,
                                 DedupeRecord, ItemRecord, UserRecord, decode, encode, event_hash, id_bytes,
-                                id_from_bytes, last_active, offset_from_key, offset_key, pack_int, unpack_ids, unpack_int)
+                                id_from_bytes, id_keys, last_active, offset_from_key, offset_key, pack_int, unpack_ids, unpack_int)
 from featurestore.reads import SequenceBatch, counters_dict, fill_sequences
 
 _BY_TS = attrgetter("ts")
@@ -307,7 +307,7 @@ class PartitionStore:
 
         ``as_of``: None, one event time for all, or one per user (array-like): only behaviours
         strictly before it. Left-padded, most recent at index ``T-1`` (see :class:`SequenceBatch`)."""
-        raws = self._get_many([USER + id_bytes(u) for u in user_ids])
+        raws = self._get_many(id_keys(USER, user_ids))
         return fill_sequences(user_ids, raws, as_of, T or self.seq_len)
 
     def counters_as_of(self, user_id: Any, item_id: Any, as_of: int | None) -> dict[str, float]:
@@ -321,7 +321,7 @@ class PartitionStore:
         """:meth:`counters_as_of` for many (user, item) pairs in one multi-get; ``as_of`` is one
         time or one per pair."""
         n = len(user_ids)
-        raws = self._get_many([USER + id_bytes(u) for u in user_ids] + [ITEM + id_bytes(i) for i in item_ids])
+        raws = self._get_many(id_keys(USER, user_ids) + id_keys(ITEM, item_ids))
         times = as_of if hasattr(as_of, "__len__") else [as_of] * n
         return [counters_dict(raws[j], raws[n + j], None if times[j] is None else int(times[j])) for j in range(n)]
 
