@@ -134,6 +134,23 @@ class TrainerSettings(BaseModel):
     keep_versions: int = 50
 
 
+class ScorerSettings(BaseModel):
+    """Scorers (streamer/scoring*.py): micro-batching, threads, serving AUC and automatic rollback."""
+
+    model_kind: Literal["dmr", "din", "lr"] = "dmr"
+    max_batch: int = Field(64, ge=1)  # requests per forward pass
+    max_batch_candidates: int = Field(2048, ge=1)  # ... and candidates per pass
+    max_wait_ms: float = Field(2.0, ge=0)  # longest a request waits for others to batch with
+    threads: int = Field(1, ge=1, le=256)  # torch intra-op threads
+    score_impressions: bool = True  # score every impression (serving AUC per version)
+    served_memory: int = Field(1_000_000, ge=1)  # served scores kept until their label arrives
+    auc_window: int = Field(20_000, ge=10)  # labelled samples per version in its serving AUC
+    rollback_min_samples: int = Field(2_000, ge=1)
+    rollback_margin: float = Field(0.02, ge=0)  # AUC points below the predecessor that roll back
+    auto_rollback: bool = True
+    store_refresh_s: float = Field(1.0, gt=0)  # read-only feature-store views are reopened this often
+
+
 class MetricsSettings(BaseModel):
     bind: str = "127.0.0.1"
     streamer_port: int = 9101
@@ -156,6 +173,7 @@ class Settings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     model: ModelSettings = ModelSettings()
     trainer: TrainerSettings = TrainerSettings()
+    scorer: ScorerSettings = ScorerSettings()
     metrics: MetricsSettings = MetricsSettings()
     state_dir: Path = Path("state")
     model_store: str = "models"

@@ -51,3 +51,25 @@ def serve_metrics(port: int, bind: str = "127.0.0.1") -> None:
     """Expose /metrics of this process (a daemon thread). Port 0 disables."""
     if port:
         start_http_server(port, addr=bind)
+
+
+# -- scorers (streamer/scoring*.py) ---------------------------------------------------------------
+SCORER_SECONDS = Histogram("dmrstream_scorer_seconds", "Scorer latency: request in to score out (request), "
+                           "one forward pass (batch), a pass while a swap was under way (during_swap).",
+                           ["stage"], buckets=_LATENCY_BUCKETS)
+SCORER_REQUESTS = Counter("dmrstream_scorer_requests_total", "Requests scored, by source (request|impression).",
+                          ["source"])
+SCORER_CANDIDATES = Counter("dmrstream_scorer_candidates_total", "Candidates scored.")
+SCORER_RESPONSES = Counter("dmrstream_scorer_responses_total", "Responses by outcome (ok|failed|dead_letter).",
+                           ["outcome"])
+SCORER_SWAPS = Counter("dmrstream_scorer_swaps_total", "Model swaps by kind (full|delta|rollback).", ["kind"])
+SCORER_LOAD_SECONDS = Histogram("dmrstream_scorer_load_seconds", "Load + validation of a version (off the "
+                                "serving path).", ["kind"], buckets=_LATENCY_BUCKETS)
+SCORER_REFUSALS = Counter("dmrstream_scorer_refusals_total", "Versions refused, by reason.", ["reason"])
+SCORER_ROLLBACKS = Counter("dmrstream_scorer_rollbacks_total", "Automatic rollbacks on serving AUC.")
+SERVING_AUC = Gauge("dmrstream_serving_auc", "Exact AUC of the scores served by a version, over its last "
+                    "labelled samples.", ["version"])
+SERVING_LABELLED = Gauge("dmrstream_serving_labelled", "Labelled samples in a version's serving AUC.", ["version"])
+SCORER_FRESHNESS = Gauge("dmrstream_scorer_freshness_seconds", "Now minus the newest event time the serving "
+                         "model has learned from.")
+

@@ -1,0 +1,255 @@
+"""Scoring (SPEC section 8): the live model behind one atomic reference, micro-batched forward
+passes, and the batch built by THE shared input function (``trainer.features``).
+
+No Kafka here (see ``streamer/scoring_service.py``). Hot swap contract: a forward pass reads the
+live reference exactly once, so every score of a pass comes from one whole, validated version,
+and a swap (a single reference assignment) takes effect between passes. Loading and validation
+happen elsewhere, off this path (``streamer/scoring_load.py``, ``streamer/scoring_swap.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from dmrstream.contracts import ItemScore, Score, ScoreRequest
+from monitoring import metrics
+from streamer.scoring_load import Loaded
+from trainer.features import Batch, columns_to_batch
+
+log = logging.getLogger(__name__)
+
+_HIST_FIELDS = ("hist_item", "hist_category", "hist_behavior", "hist_position", "hist_gap", "mask")
+_USER_FIELDS = ("user", "profile", "context")
+
+
+class NoModel(RuntimeError):
+    """No validated version is live yet."""
+
+
+class ModelHolder:
+    """The live :class:`Loaded` version behind one reference.
+
+    Readers call :meth:`get` once per forward pass. Writers replace the reference under a lock
+    (only writers contend); assigning an attribute is atomic for readers. ``history`` records
+    (version, live since, monotonic s) so tests can check a response's version was live."""
+
+    def __init__(self) -> None:
+        self._live: Loaded | None = None
+        self.previous: Loaded | None = None
+        self._lock = threading.Lock()
+        self.history: list[tuple[int, float]] = []
+        self.swapping = threading.Event()  # set while a candidate is being loaded (bench/metrics)
+        self.changed = threading.Condition(self._lock)
+
+    def get(self) -> Loaded | None:
+        return self._live
+
+    def swap(self, new: Loaded) -> Loaded | None:
+        """Make ``new`` live; returns the version it replaced (kept as ``previous``)."""
+        with self._lock:
+            old, self._live = self._live, new
+            if old is not None and old.version != new.version:
+                self.previous = old
+            self.history.append((new.version, time.monotonic()))
+            self.changed.notify_all()
+        metrics.MODEL_VERSION.labels("scorer").set(new.version)
+        return old
+
+    def wait(self, timeout: float | None = None) -> Loaded | None:
+        """The live version, waiting up to ``timeout`` for the first one."""
+        with self._lock:
+            self.changed.wait_for(lambda: self._live is not None, timeout)
+            return self._live
+
+    def live_during(self, version: int, start: float, end: float) -> bool:
+        """Whether ``version`` was live at some moment of [start, end] (monotonic seconds)."""
+        h = list(self.history)
+        for i, (v, since) in enumerate(h):
+            until = h[i + 1][1] if i + 1 < len(h) else float("inf")
+            if v == version and since <= end and until >= start:
+                return True
+        return False
+
+
+@dataclass
+class UserFeatures:
+    """What the feature store knows of a request's user at the request's time."""
+
+    hist_item_ids: list
+    hist_category_ids: list
+    hist_behaviors: list
+    hist_ts: list
+    user_profile: dict | None = None
+    counters: list[dict] | None = None  # one per candidate (COUNTER_KEYS), or None
+
+    @staticmethod
+    def empty() -> "UserFeatures":
+        return UserFeatures([], [], [], [])
+
+
+class FeatureSource(Protocol):
+    def lookup(self, requests: Sequence[ScoreRequest], partitions: Sequence[int | None]) -> list[UserFeatures]:
+        """Features of each request's user (strictly before its ``ts``)."""
+
+
+class NoFeatures:
+    """Empty histories (a scorer with no feature store: cold users only)."""
+
+    def lookup(self, requests, partitions):
+        return [UserFeatures.empty() for _ in requests]
+
+
+def request_batch(req: ScoreRequest, f: UserFeatures, settings: Any) -> Batch:
+    """The model input of one request: the user's sequence once, repeated for every candidate.
+
+    Built with ``columns_to_batch`` in two parts (the user row, the candidate rows) so the
+    history is hashed once instead of once per candidate; the result is identical to the batch
+    of one Sample per candidate (tests check it)."""
+    n = len(req.candidates)
+    user = columns_to_batch({
+        "user_id": [req.user_id], "item_id": [0], "category_id": [0], "ts": [req.ts],
+        "hist_item_ids": [f.hist_item_ids], "hist_category_ids": [f.hist_category_ids],
+        "hist_behaviors": [f.hist_behaviors], "hist_ts": [f.hist_ts],
+        "user_profile": [f.user_profile], "context": [req.context]}, settings)
+    cands = columns_to_batch({
+        "user_id": [req.user_id], "ts": [req.ts] * n,
+        "item_id": [c.item_id for c in req.candidates], "category_id": [c.category_id for c in req.candidates],
+        "item_features": [c.item_features for c in req.candidates], "counters": f.counters}, settings)
+    for name in (*_HIST_FIELDS, *_USER_FIELDS):
+        setattr(cands, name, np.repeat(getattr(user, name), n, axis=0))
+    return cands
+
+
+class Scorer:
+    """Scores requests with the live version: one forward pass per call (a micro-batch)."""
+
+    def __init__(self, holder: ModelHolder, features: FeatureSource, settings: Any):
+        self.holder, self.features, self.settings = holder, features, settings
+
+    def score(self, requests: Sequence[ScoreRequest], partitions: Sequence[int | None] | None = None,
+              received: Sequence[float] | None = None, source: str = "request") -> list[Score]:
+        """``Score`` per request, all from the ONE version live when this pass began.
+
+        ``received``: perf_counter times the requests arrived (latency_ms counts from there)."""
+        live = self.holder.get()  # captured once: the whole pass uses this version
+        if live is None:
+            raise NoModel("no model version is live yet")
+        started = time.perf_counter()
+        parts = partitions if partitions is not None else [None] * len(requests)
+        feats = self.features.lookup(requests, parts)
+        batch = Batch.concat([request_batch(r, f, self.settings) for r, f in zip(requests, feats)])
+        with torch.inference_mode():
+            probs = torch.sigmoid(live.model(batch.to_torch())[0].float()).numpy().astype(np.float64)
+        np.clip(probs, 0.0, 1.0, out=probs)
+        done = time.perf_counter()
+        stage = "during_swap" if self.holder.swapping.is_set() else "batch"
+        metrics.SCORER_SECONDS.labels(stage).observe(done - started)
+        now_ms = int(time.time() * 1000)
+        out, i = [], 0
+        for k, r in enumerate(requests):
+            n = len(r.candidates)
+            p = probs[i:i + n].tolist()
+            i += n
+            t_in = received[k] if received is not None else started
+            out.append(Score(request_id=r.request_id, user_id=r.user_id, model_version=live.version,
+                             scores=[ItemScore(c.item_id, s) for c, s in zip(r.candidates, p)], ts=now_ms,
+                             latency_ms=max(0.0, (done - t_in) * 1000)))
+            metrics.SCORER_SECONDS.labels("request").observe(done - t_in)
+        metrics.SCORER_REQUESTS.labels(source).inc(len(requests))
+        metrics.SCORER_CANDIDATES.inc(i)
+        return out
+
+    def score_each(self, requests: Sequence[ScoreRequest], partitions: Sequence[int | None] | None = None,
+                   received: Sequence[float] | None = None, source: str = "request") -> list[Score | Exception]:
+        """Like :meth:`score`, but a request that breaks the pass is answered alone, so one
+        hostile request never fails the others (its slot holds the exception)."""
+        try:
+            return list(self.score(requests, partitions, received, source))
+        except NoModel:
+            raise
+        except Exception:
+            if len(requests) == 1:
+                raise
+        out: list[Score | Exception] = []
+        for k, r in enumerate(requests):
+            try:
+                out.append(self.score([r], None if partitions is None else [partitions[k]],
+                                      None if received is None else [received[k]], source)[0])
+            except NoModel:
+                raise
+            except Exception as e:
+                log.warning("request %s failed: %s", r.request_id, e)
+                out.append(e)
+        return out
+
+
+class MicroBatcher:
+    """Collects concurrent requests into one forward pass: up to ``max_batch`` requests or
+    ``max_candidates`` candidates, waiting at most ``max_wait_ms`` after the first one."""
+
+    def __init__(self, scorer: Scorer, max_batch: int = 64, max_candidates: int = 2048, max_wait_ms: float = 2.0,
+                 no_model_wait_s: float = 30.0):
+        self.scorer = scorer
+        self.max_batch, self.max_candidates = max_batch, max_candidates
+        self.max_wait = max_wait_ms / 1000
+        self.no_model_wait_s = no_model_wait_s
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="scorer-batcher")
+        self._thread.start()
+
+    def submit(self, req: ScoreRequest, partition: int | None = None) -> "Future[Score]":
+        fut: Future = Future()
+        self._q.put((req, partition, fut, time.perf_counter()))
+        return fut
+
+    def close(self) -> None:
+        self._stop.set()
+        self._q.put(None)
+        self._thread.join(10)
+
+    def _collect(self, first) -> list:
+        items, cands = [first], len(first[0].candidates)
+        deadline = time.perf_counter() + self.max_wait
+        while len(items) < self.max_batch and cands < self.max_candidates:
+            try:
+                item = self._q.get(timeout=max(0.0, deadline - time.perf_counter())) \
+                    if self.max_wait else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._stop.set()
+                break
+            items.append(item)
+            cands += len(item[0].candidates)
+        return items
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            first = self._q.get()
+            if first is None:
+                break
+            items = self._collect(first)
+            if self.scorer.holder.get() is None:  # a fresh scorer: hold requests until a version is live
+                self.scorer.holder.wait(self.no_model_wait_s)
+            try:
+                results = self.scorer.score_each([i[0] for i in items], [i[1] for i in items],
+                                                 [i[3] for i in items])
+            except Exception as e:  # NoModel after the wait: every request of the pass fails
+                results = [e] * len(items)
+            for (_, _, fut, _), res in zip(items, results):
+                if isinstance(res, Exception):
+                    metrics.SCORER_RESPONSES.labels("failed").inc()
+                    fut.set_exception(res)
+                else:
+                    metrics.SCORER_RESPONSES.labels("ok").inc()
+                    fut.set_result(res)

@@ -1,0 +1,60 @@
+"""Helpers of the scorer tests (no tests here): small settings, a real trainer publishing versions."""
+
+from __future__ import annotations
+
+import random
+
+from dmrstream.contracts import Candidate, Sample, ScoreRequest
+from dmrstream.settings import load_settings
+from trainer.service import ReadyBatch, Trainer
+
+T0 = 1_700_000_000_000
+SMALL = {"model.item_vocab_size": 4096, "model.user_vocab_size": 4096, "model.category_vocab_size": 256,
+         "model.field_vocab_size": 4096, "model.aux_negatives": 32, "model.batch_size": 32,
+         "model.mlp_hidden": [64, 32], "trainer.keep_versions": 100_000, "metrics.trainer_port": 0,
+         "scorer.max_wait_ms": 1.0}
+
+
+def small_settings(tmp_path, **extra):
+    return load_settings(overrides={**SMALL, "state_dir": str(tmp_path / "state"),
+                                    "model_store": str(tmp_path / "models"), **extra})
+
+
+def samples(rng: random.Random, start: int, n: int = 32) -> list[Sample]:
+    out = []
+    for k in range(start, start + n):
+        m = rng.randrange(0, 8)
+        out.append(Sample(sample_id=f"s{k}", event_id=f"s{k}", user_id=k % 97, item_id=rng.randrange(500),
+                          category_id=rng.randrange(20), ts=T0 + k * 1000, label=int(rng.random() < 0.4),
+                          hist_item_ids=[rng.randrange(500) for _ in range(m)], hist_category_ids=[1] * m,
+                          hist_behaviors=["click"] * m, hist_ts=[T0 - 10_000 + i for i in range(m)],
+                          counters={"user_impressions": float(k % 7), "user_clicks": float(k % 3),
+                                    "item_impressions": 3.0, "item_clicks": 1.0}))
+    return out
+
+
+class Publisher:
+    """The real trainer: learns a small batch, then publishes a full or delta version."""
+
+    def __init__(self, settings, seed: int = 1):
+        self.trainer = Trainer(settings, device="cpu")
+        self.rng = random.Random(seed)
+        self.k = 0
+
+    @property
+    def store(self):
+        return self.trainer.store
+
+    def next(self, kind: str):
+        self.trainer.learn(ReadyBatch(samples(self.rng, self.k), {}))
+        self.k += 32
+        return self.trainer.publish(kind)
+
+    def close(self):
+        self.trainer.close()
+
+
+def request(i: int, n: int = 5, user=None) -> ScoreRequest:
+    return ScoreRequest(request_id=f"r{i}", user_id=i % 50 if user is None else user,
+                        candidates=[Candidate(item_id=(i * 7 + j) % 500, category_id=j % 20) for j in range(n)],
+                        ts=T0 + 10_000_000 + i)
