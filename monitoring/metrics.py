@@ -73,3 +73,27 @@ SERVING_LABELLED = Gauge("dmrstream_serving_labelled", "Labelled samples in a ve
 SCORER_FRESHNESS = Gauge("dmrstream_scorer_freshness_seconds", "Now minus the newest event time the serving "
                          "model has learned from.")
 
+
+# -- monitoring (monitoring/lag.py, monitoring/dashboard.py) -------------------------------------
+CONSUMER_LAG = Gauge("dmrstream_consumer_lag", "Messages not yet consumed: end offset minus the committed "
+                     "offset of a consumer group, per topic and partition.", ["group", "topic", "partition"])
+TOPIC_END_OFFSET = Gauge("dmrstream_topic_end_offset", "End offset (messages written) of a topic partition.",
+                         ["topic", "partition"])
+MODEL_FRESHNESS = Gauge("dmrstream_model_freshness_seconds", "Now minus the newest event time the latest "
+                        "published model has learned from (model store; the scorer's own figure is "
+                        "dmrstream_scorer_freshness_seconds).")
+DASHBOARD_SCRAPES = Counter("dmrstream_dashboard_scrapes_total", "Scrapes of a component's /metrics by the "
+                            "live page, by outcome (ok|error).", ["target", "outcome"])
+
+
+def catalogue() -> list[dict[str, object]]:
+    """Every metric of this catalogue: name (as exposed), type, labels, help; sorted by name."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    out = []
+    for obj in globals().values():
+        if isinstance(obj, MetricWrapperBase):
+            name = obj._name + ("_total" if obj._type == "counter" else "")
+            out.append({"name": name, "type": obj._type, "labels": list(obj._labelnames),
+                        "help": obj._documentation})
+    return sorted(out, key=lambda m: m["name"])
