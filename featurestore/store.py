@@ -396,6 +396,10 @@ class PartitionStore:
         out["memtable_bytes"] = self._db.property_int_value("rocksdb.cur-size-all-mem-tables")
         return out
 
+    def cache_stats(self) -> dict[str, int]:
+        """The record cache's entries, bytes, bound, and hits/misses since opening."""
+        return self._cache.stats()
+
     def checkpoint(self, target: str | os.PathLike) -> Path:
         """A consistent copy of the store in ``target`` (must not exist): hard links to the
         immutable files, so it is fast and small. Open it with :class:`PartitionStore` or
