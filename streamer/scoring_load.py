@@ -10,6 +10,7 @@ shared, read-only, never written); any other delta is loaded through the store's
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,14 +60,13 @@ class Validator:
         self.settings = settings
         self.kind = settings.scorer.model_kind
         with torch.device("meta"):  # shapes only: no memory, no random init
-            ref = build_model(settings, self.kind)
-        self.reference = {k: (tuple(v.shape), v.dtype) for k, v in ref.state_dict().items()}
+            self._template = build_model(settings, self.kind)
+        self.reference = {k: (tuple(v.shape), v.dtype) for k, v in self._template.state_dict().items()}
         self.probe = probe_batch(settings).to_torch()
 
     def materialise(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """A model whose parameters ARE the given tensors (``assign``: no copy, no init)."""
-        with torch.device("meta"):
-            model = build_model(self.settings, self.kind)
+        model = copy.deepcopy(self._template)  # a meta-device copy: cheaper than building again
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
@@ -98,7 +98,7 @@ class Validator:
             raise Refused("probe", "probe batch gave non-finite or out-of-range scores")
 
 
-def probe_batch(settings: Any, n: int = 16) -> Batch:
+def probe_batch(settings: Any, n: int = 8) -> Batch:
     """A fixed, seeded batch touching every input (histories, fields, counters)."""
     rng = np.random.default_rng(12345)
     T = settings.features.seq_len

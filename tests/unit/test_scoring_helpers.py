@@ -58,3 +58,48 @@ def request(i: int, n: int = 5, user=None) -> ScoreRequest:
     return ScoreRequest(request_id=f"r{i}", user_id=i % 50 if user is None else user,
                         candidates=[Candidate(item_id=(i * 7 + j) % 500, category_id=j % 20) for j in range(n)],
                         ts=T0 + 10_000_000 + i)
+
+
+class FastPublisher:
+    """Versions without training (for many swaps): random rows of every sparse table and all
+    dense tensors move a little, published through the store exactly as the trainer does
+    (``publish`` full, or ``split_delta`` of the touched rows)."""
+
+    def __init__(self, settings, seed: int = 1):
+        import torch
+
+        from trainer.model import build_model
+        from trainer.modelstore import ModelStore
+
+        self.torch = torch
+        model = build_model(settings, settings.scorer.model_kind)
+        self.sparse = [n + ".weight" for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Embedding) and m.sparse]
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.store = ModelStore(settings.model_store)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.version = 0
+
+    def next(self, kind: str):
+        from dmrstream.contracts import ModelUpdate
+        from trainer.modelstore import split_delta
+
+        torch = self.torch
+        touched = {}
+        for name, t in self.state.items():
+            if name in self.sparse:
+                rows = torch.randint(1, t.shape[0], (64,), generator=self.gen)
+                t[rows] += 0.01 * torch.randn(len(rows), t.shape[1], generator=self.gen)
+                touched[name] = rows
+            elif t.is_floating_point():
+                t += 0.001 * torch.randn(t.shape, generator=self.gen)
+        if self.version == 0:
+            kind = "full"
+        base = self.version if kind == "delta" else None
+        tensors = self.state if kind == "full" else split_delta(self.state, touched, self.sparse)
+        meta = self.store.publish(self.version + 1, kind, tensors, base_version=base, trained_until_ts=T0,
+                                  samples_seen=self.version)
+        self.version += 1
+        return ModelUpdate(version=meta.version, kind=kind, base_version=base, uri=self.store.uri_of(meta),
+                           sha256=meta.sha256, created_at=meta.created_at, trained_until_ts=T0,
+                           samples_seen=meta.samples_seen)
