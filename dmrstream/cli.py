@@ -171,3 +171,10 @@ from trainer.service_cli import models_app as _models_app, trainer as _trainer_c
 
 app.command("trainer")(_trainer_command)
 app.add_typer(_models_app, name="models")
+from streamer.scorer_cli import scorer as _scorer_command  # noqa: E402
+
+app.command("scorer")(_scorer_command)
+from monitoring.cli import dashboard as _dashboard_command, demo as _demo_command  # noqa: E402
+
+app.command("dashboard")(_dashboard_command)
+app.command("demo")(_demo_command)
