@@ -19,11 +19,13 @@ class ProgressiveMetrics:
         self.window = window
         self.scores = np.zeros(0, dtype=np.float32)
         self.labels = np.zeros(0, dtype=np.int8)
+        self.ts = np.zeros(0, dtype=np.int64)  # event time of each prediction: AUC over any time range
         self.recent = 0  # how many of the trailing entries form the window (<= window)
 
-    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+    def update(self, scores: np.ndarray, labels: np.ndarray, ts: np.ndarray) -> None:
         self.scores = np.concatenate([self.scores, np.asarray(scores, dtype=np.float32)])
         self.labels = np.concatenate([self.labels, np.asarray(labels, dtype=np.int8)])
+        self.ts = np.concatenate([self.ts, np.asarray(ts, dtype=np.int64)])
         self.recent = min(self.window, len(self.scores))
 
     @property
@@ -45,9 +47,10 @@ class ProgressiveMetrics:
         }
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"scores": self.scores, "labels": self.labels}
+        return {"scores": self.scores, "labels": self.labels, "ts": self.ts}
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         self.scores = np.asarray(state["scores"], dtype=np.float32)
         self.labels = np.asarray(state["labels"], dtype=np.int8)
+        self.ts = np.asarray(state.get("ts", np.zeros(len(self.labels))), dtype=np.int64)
         self.recent = min(self.window, len(self.scores))

@@ -136,7 +136,7 @@ class Trainer:
             on_device = b.to_torch(self.device, non_blocking=self.device.type == "cuda",
                                    pin=self.device.type == "cuda")
             scores = predict(self.model, on_device).float().cpu().numpy()
-            self.metrics.update(scores, b.label)
+            self.metrics.update(scores, b.label, np.array([s.ts for s in fresh], dtype=np.int64))
             stats = train_step(self.model, self.opts, on_device)
             self._note_touched()
             for s in fresh:
