@@ -109,24 +109,36 @@ class NoFeatures:
 
 
 def request_batch(req: ScoreRequest, f: UserFeatures, settings: Any) -> Batch:
-    """The model input of one request: the user's sequence once, repeated for every candidate.
+    """The model input of one request (see :func:`requests_batch`)."""
+    return requests_batch([req], [f], settings)
 
-    Built with ``columns_to_batch`` in two parts (the user row, the candidate rows) so the
-    history is hashed once instead of once per candidate; the result is identical to the batch
-    of one Sample per candidate (tests check it)."""
-    n = len(req.candidates)
+
+def requests_batch(requests: Sequence[ScoreRequest], feats: Sequence[UserFeatures], settings: Any) -> Batch:
+    """The model input of a micro-batch: each user's sequence once, repeated for each of its
+    request's candidates.
+
+    Built with ``columns_to_batch`` in two calls (one row per request for the user side, one row
+    per candidate for the item side) so a history is hashed once instead of once per candidate
+    and the pass costs two vectorised calls, not two per request; the result is identical to
+    the batch of one Sample per candidate (tests check it)."""
+    counts = np.fromiter((len(r.candidates) for r in requests), dtype=np.int64, count=len(requests))
     user = columns_to_batch({
-        "user_id": [req.user_id], "item_id": [0], "category_id": [0], "ts": [req.ts],
-        "hist_item_ids": [f.hist_item_ids], "hist_category_ids": [f.hist_category_ids],
-        "hist_behaviors": [f.hist_behaviors], "hist_ts": [f.hist_ts],
-        "user_profile": [f.user_profile], "context": [req.context]}, settings)
-    cands = columns_to_batch({
-        "user_id": [req.user_id], "ts": [req.ts] * n,
-        "item_id": [c.item_id for c in req.candidates], "category_id": [c.category_id for c in req.candidates],
-        "item_features": [c.item_features for c in req.candidates], "counters": f.counters}, settings)
+        "user_id": [r.user_id for r in requests], "item_id": [0] * len(requests),
+        "category_id": [0] * len(requests), "ts": [r.ts for r in requests],
+        "hist_item_ids": [f.hist_item_ids for f in feats], "hist_category_ids": [f.hist_category_ids for f in feats],
+        "hist_behaviors": [f.hist_behaviors for f in feats], "hist_ts": [f.hist_ts for f in feats],
+        "user_profile": [f.user_profile for f in feats], "context": [r.context for r in requests]}, settings)
+    cands = [c for r in requests for c in r.candidates]
+    counters = None
+    if any(f.counters is not None for f in feats):
+        counters = [c for r, f in zip(requests, feats) for c in (f.counters or [None] * len(r.candidates))]
+    items = columns_to_batch({
+        "user_id": [0], "ts": np.repeat(np.asarray([r.ts for r in requests], dtype=np.int64), counts),
+        "item_id": [c.item_id for c in cands], "category_id": [c.category_id for c in cands],
+        "item_features": [c.item_features for c in cands], "counters": counters}, settings)
     for name in (*_HIST_FIELDS, *_USER_FIELDS):
-        setattr(cands, name, np.repeat(getattr(user, name), n, axis=0))
-    return cands
+        setattr(items, name, np.repeat(getattr(user, name), counts, axis=0))
+    return items
 
 
 class Scorer:
@@ -146,7 +158,7 @@ class Scorer:
         started = time.perf_counter()
         parts = partitions if partitions is not None else [None] * len(requests)
         feats = self.features.lookup(requests, parts)
-        batch = Batch.concat([request_batch(r, f, self.settings) for r, f in zip(requests, feats)])
+        batch = requests_batch(requests, feats, self.settings)
         with torch.inference_mode():
             probs = torch.sigmoid(live.model(batch.to_torch())[0].float()).numpy().astype(np.float64)
         np.clip(probs, 0.0, 1.0, out=probs)

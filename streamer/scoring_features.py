@@ -29,17 +29,20 @@ def partition_of(user_id: Any, partitions: int) -> int:
 
 
 def features_from_store(store: PartitionStore | None, requests: Sequence[ScoreRequest]) -> list[UserFeatures]:
-    """Sequences strictly before each request's time, the profile, and per-candidate counters."""
-    out = []
+    """Sequences strictly before each request's time, the profile, and per-candidate counters
+    (one multi-get for the counters of every candidate of the pass)."""
+    if store is None:
+        return [UserFeatures.empty() for _ in requests]
+    users = [r.user_id for r in requests for _ in r.candidates]
+    counters = store.counters_many(users, [c.item_id for r in requests for c in r.candidates],
+                                   [r.ts for r in requests for _ in r.candidates])
+    out, i = [], 0
     for r in requests:
-        if store is None:
-            out.append(UserFeatures.empty())
-            continue
         seq = store.get_sequence(r.user_id, as_of=r.ts)
         n = len(r.candidates)
-        counters = store.counters_many([r.user_id] * n, [c.item_id for c in r.candidates], r.ts)
         out.append(UserFeatures([b.item_id for b in seq], [b.category_id for b in seq], [b.behavior for b in seq],
-                                [b.ts for b in seq], store.user_profile(r.user_id), counters))
+                                [b.ts for b in seq], store.user_profile(r.user_id), counters[i:i + n]))
+        i += n
     return out
 
 

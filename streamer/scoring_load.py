@@ -24,7 +24,7 @@ from dmrstream.contracts import ModelUpdate
 from monitoring import metrics
 from trainer.features import Batch, columns_to_batch
 from trainer.model import build_model
-from trainer.modelstore import ROWS, VALUES, ModelStore, ModelStoreError, apply_delta
+from trainer.modelstore import ModelStore, ModelStoreError, apply_delta
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,9 @@ class Validator:
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
 
-    def check(self, state: dict[str, torch.Tensor], changed: set[str] | None = None) -> None:
-        """Names, shapes, dtypes; finite values of ``changed`` tensors (all when None)."""
+    def check(self, state: dict[str, torch.Tensor], changed: dict[str, torch.Tensor] | None = None) -> None:
+        """Names, shapes, dtypes of ``state``; finite values of every tensor in ``changed`` (a
+        delta's own tensors: rows and dense weights) or, when None, of the whole state."""
         names, ref = set(state), set(self.reference)
         if names != ref:
             missing, extra = sorted(ref - names)[:3], sorted(names - ref)[:3]
@@ -82,8 +83,7 @@ class Validator:
                 raise Refused("shape", f"{name} is {tuple(t.shape)}, the model needs {shape}")
             if t.dtype != dtype:
                 raise Refused("dtype", f"{name} is {t.dtype}, the model needs {dtype}")
-        for name in (names if changed is None else changed):
-            t = state[name]
+        for name, t in (state if changed is None else changed).items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise Refused("nonfinite", f"{name} holds NaN or infinite values")
 
@@ -133,7 +133,7 @@ def load_candidate(update: ModelUpdate, store: ModelStore, validator: Validator,
         if update.kind == "delta" and live is not None and live.version == update.base_version:
             delta = store.read_verified(name, update.sha256)
             state = apply_delta(live.state, delta)  # new tensors for what changed; the rest shared
-            changed = {k[: -len(ROWS)] if k.endswith(ROWS) else k for k in delta if not k.endswith(VALUES)}
+            changed = delta  # the rest of every table is the live version's, already validated
         elif update.kind == "full":
             state, changed = store.read_verified(name, update.sha256), None
         else:  # a delta on another base: its whole chain, each file checked against its metadata

@@ -4,6 +4,7 @@ refuse bad versions (metric + log, the last good one keeps serving); roll back o
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -54,6 +55,10 @@ class Swapper:
         done.wait(timeout)
 
     def _loop(self) -> None:
+        try:  # Linux: a thread is a task with its own niceness; loading yields the CPU to serving
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             item = self._q.get()
             if item is None:

@@ -16,7 +16,7 @@ from safetensors.torch import save as st_save
 
 from dmrstream.contracts import Candidate, Click, Impression, ModelUpdate, Sample, ScoreRequest
 from featurestore import open_partition_store
-from streamer.scoring import ModelHolder, NoFeatures, Scorer, UserFeatures, request_batch
+from streamer.scoring import ModelHolder, NoFeatures, Scorer, UserFeatures, requests_batch
 from streamer.scoring_auc import ServingAUC
 from streamer.scoring_features import StoreFeatures, partition_of
 from streamer.scoring_swap import Swapper
@@ -50,12 +50,15 @@ def test_request_batch_equals_one_sample_per_candidate(tmp_path):
     req = ScoreRequest(request_id="r", user_id="u1", ts=T0, context={"page": "home"},
                        candidates=[Candidate(item_id=j, category_id=j % 3, item_features={"brand": f"b{j}"})
                                    for j in range(4)])
-    got = request_batch(req, f, s)
-    want = samples_to_batch([Sample(
+    cold = ScoreRequest(request_id="r2", user_id=8, ts=T0 + 5, candidates=[Candidate(item_id=1, category_id=1)])
+    got = requests_batch([req, cold], [f, UserFeatures.empty()], s)
+    assert len(got) == 5
+    want = samples_to_batch([*(Sample(
         sample_id=f"s{j}", event_id=f"s{j}", user_id="u1", item_id=c.item_id, category_id=c.category_id, ts=T0,
         label=0, hist_item_ids=f.hist_item_ids, hist_category_ids=f.hist_category_ids,
         hist_behaviors=f.hist_behaviors, hist_ts=f.hist_ts, context=req.context, user_profile=f.user_profile,
-        item_features=c.item_features, counters=f.counters[j]) for j, c in enumerate(req.candidates)], s)
+        item_features=c.item_features, counters=f.counters[j]) for j, c in enumerate(req.candidates)),
+        Sample(sample_id="c", event_id="c", user_id=8, item_id=1, category_id=1, ts=T0 + 5, label=0)], s)
     for field in dataclasses.fields(want):
         np.testing.assert_array_equal(getattr(got, field.name), getattr(want, field.name), err_msg=field.name)
 
