@@ -150,8 +150,11 @@ def test_two_workers_with_a_sigkill_equal_one_worker(broker, tmp_path):
         reader = SampleReader(multi)
         half = len(events) // 2
         _produce(multi, events[:half])
-        reader.read(12.0)  # both joined and working through the first half
-        assert len(reader.labels) > 0
+        deadline = time.monotonic() + 90  # both joined and working through the first half
+        while not reader.labels and time.monotonic() < deadline:
+            reader.read(1.0)
+        assert reader.labels, "no sample from the first half"
+        reader.read(3.0)
         a.kill()  # SIGKILL mid-stream
         a.wait()
         _produce(multi, events[half:])
