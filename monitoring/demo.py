@@ -48,6 +48,10 @@ DEMO_SETS = {
     "model.aux_negatives": 64,
     "model.batch_size": 128,
     "model.mlp_hidden": [128, 64],
+    # Online learning from a short stream: sparse rows are touched rarely, so they need a larger
+    # step than the defaults (measured: AUC 0.545 -> 0.616 on the 60 s test stream).
+    "model.embedding_learning_rate": 0.03,
+    "model.learning_rate": 0.003,
     "trainer.delta_every_s": 5.0,
     "trainer.full_every_s": 60.0,
     "trainer.checkpoint_every_s": 10.0,
@@ -81,11 +85,12 @@ class Child:
     essential: bool = True  # its early exit is a failure (the stream producer may finish)
     ended_early: Optional[int] = None
     pid: int = 0
+    env: Optional[dict] = None
 
     def start(self, stdout=None) -> "Child":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=stdout if stdout is not None else f, stderr=f,
+        self.proc = subprocess.Popen(self.cmd, stdout=stdout if stdout is not None else f, stderr=f, env=self.env,
                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         f.close()
         self.pid = self.proc.pid
@@ -191,7 +196,8 @@ class Demo:
         return cmd
 
     def child(self, name: str, args: list[str], bootstrap: Optional[str], essential=True, stdout=None) -> Child:
-        c = Child(name, self.base(bootstrap) + args, self.workdir / "logs" / f"{name}.log", essential=essential)
+        c = Child(name, self.base(bootstrap) + args, self.workdir / "logs" / f"{name}.log", essential=essential,
+                  env=child_env())
         c.start(stdout)
         self.children.append(c)
         return c
@@ -463,6 +469,16 @@ class Demo:
         if not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.summary = f
+
+
+def child_env() -> dict:
+    """The children's environment. On a small machine every process gets one math thread:
+    five busy processes on two cores with OpenMP thread pools each spin against one another."""
+    env = dict(os.environ)
+    if (os.cpu_count() or 1) <= 4:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(k, "1")
+    return env
 
 
 def _signal_group(pid: int, sig: int) -> None:

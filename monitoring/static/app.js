@@ -35,9 +35,19 @@ function lineChart(svg, series, opts) {
   opts = opts || {};
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const W = svg.clientWidth || 600, H = svg.clientHeight || 200;
-  const L = 48, R = 10, T = 10, B = 34;
-  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const names = Object.keys(series).filter(n => series[n].length > 0);
+  // Legend rows first (they set the bottom margin): entries wrap onto as many rows as needed.
+  const legendPos = [];
+  let lx = 48, rows = 1;
+  names.forEach(name => {
+    const last = series[name][series[name].length - 1][1];
+    const text = `${name} ${fmt(last, opts.digits)}`, w = 24 + 6.5 * text.length;
+    if (lx + w > W - 10 && lx > 48) { lx = 48; rows++; }
+    legendPos.push([lx, rows, text]);
+    lx += w;
+  });
+  const L = 48, R = 10, T = 10, B = 22 + 16 * rows;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   let t0 = Infinity, t1 = -Infinity, y0 = Infinity, y1 = -Infinity, n = 0;
   for (const name of names) for (const [t, v] of series[name]) {
     t0 = Math.min(t0, t); t1 = Math.max(t1, t); y0 = Math.min(y0, v); y1 = Math.max(y1, v); n++;
@@ -52,6 +62,7 @@ function lineChart(svg, series, opts) {
   if (opts.max !== undefined) y1 = Math.max(y1, opts.max);
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
   const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+  if (opts.min !== undefined && y0 < opts.min) y0 = opts.min;
   if (opts.floor !== undefined) y0 = Math.max(y0, opts.floor);
   if (opts.ceil !== undefined) y1 = Math.min(y1, opts.ceil);
   if (t1 - t0 < 1) t0 = t1 - 1;
@@ -64,7 +75,7 @@ function lineChart(svg, series, opts) {
   }
   for (let i = 0; i <= 4; i++) {
     const t = t0 + (t1 - t0) * i / 4;
-    el("text", { x: X(t), y: H - B + 16, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, svg)
+    el("text", { x: X(t), y: H - B + 14, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle" }, svg)
       .textContent = clock(t);
   }
   (opts.refs || []).forEach(r => {
@@ -72,7 +83,6 @@ function lineChart(svg, series, opts) {
     el("text", { x: W - R - 4, y: Y(r.value) - 4, "text-anchor": "end" }, svg).textContent = `${r.label} ${fmt(r.value, 3)}`;
   });
   const legend = el("g", { class: "legend" }, svg);
-  let lx = L;
   names.forEach((name, i) => {
     const color = COLORS[i % COLORS.length], pts = series[name];
     let d = "";
@@ -85,10 +95,9 @@ function lineChart(svg, series, opts) {
     el("path", { d, fill: "none", stroke: color, "stroke-width": opts.width || 2, "data-series": name }, svg);
     const [lt, lv] = pts[pts.length - 1];
     el("circle", { cx: X(lt), cy: Y(lv), r: 3, fill: color }, svg);
-    el("rect", { x: lx, y: H - 12, width: 10, height: 10, fill: color }, legend);
-    const label = el("text", { x: lx + 14, y: H - 3 }, legend);
-    label.textContent = `${name} ${fmt(lv, opts.digits)}`;
-    lx += 24 + 7 * label.textContent.length;
+    const [px, row, text] = legendPos[i], py = H - B + 14 + 16 * row;
+    el("rect", { x: px, y: py - 9, width: 10, height: 10, fill: color }, legend);
+    el("text", { x: px + 14, y: py }, legend).textContent = text;
   });
 }
 
