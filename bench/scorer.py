@@ -141,19 +141,27 @@ def in_process(settings, versions, res):
     ups = [versions.next("delta") for _ in range(5)] + [versions.next("full")]
     stop = threading.Event()
     swap_times = []
+    loading = ["delta"]
 
     def swap_all():
         for u in ups:
+            loading[0] = u.kind
             t = time.perf_counter()
             swapper.apply(u)
             swap_times.append(time.perf_counter() - t)
         stop.set()
     th = threading.Thread(target=swap_all)
     th.start()
-    during = []
+    during, during_delta = [], []
     while not stop.is_set():
-        during += latencies(scorer, 200, 20, stop)
+        kind = loading[0]
+        lat = latencies(scorer, 200, 5, stop)
+        during += lat
+        if kind == "delta" and loading[0] == "delta":
+            during_delta += lat
     th.join()
+    res["swap_during_delta_p99_ms"] = pct(during_delta, 99)
+    res["swap_extra_delta_p99_ms"] = res["swap_during_delta_p99_ms"] - pct(base, 99)
     res["swap_base_p99_ms"], res["swap_during_p99_ms"] = pct(base, 99), pct(during, 99)
     res["swap_extra_p99_ms"] = res["swap_during_p99_ms"] - res["swap_base_p99_ms"]
     res["swap_during_p50_ms"], res["swap_base_p50_ms"] = pct(during, 50), pct(base, 50)

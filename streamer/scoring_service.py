@@ -111,7 +111,9 @@ class ScorerService:
                 break
             self.holder.wait(0.5)
         inputs = list(self.topics) if s.scorer.score_impressions else [s.topics.name("score_requests")]
-        consumer = make_consumer(s, f"{s.topics.prefix}scorer", inputs)
+        # Latency-sensitive: a broker that does not wake a parked fetch when data arrives (the
+        # local tansu) would otherwise hold each request up to the default 500 ms.
+        consumer = make_consumer(s, f"{s.topics.prefix}scorer", inputs, fetch_max_wait_ms=10)
         producer = make_producer(s, linger_ms=0)
         last_report = time.monotonic()
         try:

@@ -56,7 +56,7 @@ class Swapper:
 
     def _loop(self) -> None:
         try:  # Linux: a thread is a task with its own niceness; loading yields the CPU to serving
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except (AttributeError, OSError):
             pass
         while True:
