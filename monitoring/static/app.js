@@ -133,7 +133,7 @@ function render() {
     .sort((a, b) => parseInt(b.slice(9)) - parseInt(a.slice(9)));
   serving.slice(6).forEach(k => delete auc[k]);
   lineChart(document.getElementById("auc-chart"), auc, { refs, digits: 3, floor: 0, ceil: 1, width: 2.5 });
-  lineChart(document.getElementById("throughput-chart"), seriesOf("throughput"), {});
+  lineChart(document.getElementById("throughput-chart"), seriesOf("throughput"), { min: 0 });
   lineChart(document.getElementById("lag-chart"), seriesOf("lag"), { min: 0 });
   lineChart(document.getElementById("version-chart"), seriesOf("version"), { step: true, digits: 0 });
   lineChart(document.getElementById("freshness-chart"), seriesOf("freshness"), { min: 0 });
