@@ -40,13 +40,13 @@ class ModelHolder:
 
     Readers call :meth:`get` once per forward pass. Writers replace the reference under a lock
     (only writers contend); assigning an attribute is atomic for readers. ``history`` records
-    (version, live since, monotonic s) so tests can check a response's version was live."""
+    when each version was live so tests can check a response's version was live."""
 
     def __init__(self) -> None:
         self._live: Loaded | None = None
         self.previous: Loaded | None = None
         self._lock = threading.Lock()
-        self.history: list[tuple[int, float]] = []
+        self.history: list[list] = []  # [version, live since, replaced at] (monotonic s)
         self.swapping = threading.Event()  # set while a candidate is being loaded (bench/metrics)
         self.changed = threading.Condition(self._lock)
 
@@ -56,10 +56,17 @@ class ModelHolder:
     def swap(self, new: Loaded) -> Loaded | None:
         """Make ``new`` live; returns the version it replaced (kept as ``previous``)."""
         with self._lock:
+            # Times taken on both sides of the assignment: the recorded interval of each version
+            # contains the moments it really was live, however this thread is preempted.
+            since = time.monotonic()
             old, self._live = self._live, new
+            replaced_at = time.monotonic()
             if old is not None and old.version != new.version:
                 self.previous = old
-            self.history.append((new.version, time.monotonic()))
+            if self.history:
+                self.history[-1][2] = replaced_at
+            self.history.append([new.version, since, float("inf")])
+            del self.history[:-10_000]  # bounded: a swap every few seconds for days
             self.changed.notify_all()
         metrics.MODEL_VERSION.labels("scorer").set(new.version)
         return old
@@ -72,12 +79,7 @@ class ModelHolder:
 
     def live_during(self, version: int, start: float, end: float) -> bool:
         """Whether ``version`` was live at some moment of [start, end] (monotonic seconds)."""
-        h = list(self.history)
-        for i, (v, since) in enumerate(h):
-            until = h[i + 1][1] if i + 1 < len(h) else float("inf")
-            if v == version and since <= end and until >= start:
-                return True
-        return False
+        return any(v == version and since <= end and until >= start for v, since, until in list(self.history))
 
 
 @dataclass
