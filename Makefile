@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench clean system-deps
+.PHONY: venv test demo bench clean system-deps
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(VENV)/.installed
 ## make test: create the venv, install pinned packages, run the suite (it starts its own local broker)
 test: venv system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## make demo: create the venv and run the whole pipeline on the embedded broker with the live page
+demo: venv
+	$(PY) -m dmrstream demo $(DEMO_ARGS)
 
 ## make system-deps: Debian's prometheus and chromium for the monitoring tests (only when missing and root;
 ## otherwise those tests skip with a message). Idempotent.
