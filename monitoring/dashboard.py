@@ -53,6 +53,24 @@ def _pick(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, st
     return [(dict(lbl), v) for (n, lbl), v in samples.items() if n == name and want <= set(lbl)]
 
 
+_OWNERS = (("dmrstream_trainer_", "trainer"), ("dmrstream_publish_", "trainer"), ("dmrstream_scorer_", "scorer"),
+           ("dmrstream_serving_", "scorer"), ("dmrstream_streamer_", "streamer"), ("dmrstream_featurestore_", "streamer"),
+           ("dmrstream_join_", "streamer"))
+
+
+def _owner(metric: str) -> str | None:
+    """The component a metric family belongs to, by its name (None: shared by all)."""
+    for prefix, owner in _OWNERS:
+        if metric.startswith(prefix):
+            return owner
+    return None
+
+
+def _serves(target: str, owner: str) -> bool:
+    """Whether a scrape target named ``target`` is that component ("streamer", "streamer-1")."""
+    return target == owner or target.startswith(owner + "-")
+
+
 def _finite(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
@@ -219,8 +237,12 @@ class Dashboard:
     async def tick(self, session) -> dict:
         results = await asyncio.gather(*(self._scrape_one(session, n, u) for n, u in self.targets.items()))
         merged: Samples = {}
-        for r in results:
+        present = {o for _, o in _OWNERS if any(_serves(n, o) for n in self.targets)}
+        for name, r in zip(self.targets, results):
             for k, v in r.items():
+                owner = _owner(k[0])
+                if owner in present and not _serves(name, owner):
+                    continue  # every process exports the whole catalogue; only the owner's value is real
                 merged[k] = merged.get(k, 0.0) + v if k[0].endswith("_total") else v
         fresh = await asyncio.to_thread(self._read_store) if self._model_store else None
         for k, v in self.own_samples().items():

@@ -176,3 +176,15 @@ def test_every_compose_command_exists_in_the_cli(command):
     assert "Usage:" in r.output
     for opt in (c for c in command if c.startswith("--")):
         assert opt in r.output, opt
+
+
+def test_a_component_metric_is_taken_from_its_owner_only():
+    """Every process exports the whole catalogue (a trainer gauge reads 0 in the streamer): the
+    page must show the trainer's own value, whatever order the scrapes come in."""
+    from monitoring.dashboard import _owner, _serves
+
+    assert _owner("dmrstream_trainer_loss") == "trainer"
+    assert _owner("dmrstream_serving_auc") == "scorer"
+    assert _owner("dmrstream_events_in_total") is None
+    assert _serves("streamer-1", "streamer") and _serves("trainer", "trainer")
+    assert not _serves("trainer", "streamer")
