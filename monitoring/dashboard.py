@@ -214,7 +214,7 @@ class Dashboard:
             metrics.DASHBOARD_SCRAPES.labels(name, "error").inc()
             return {}
 
-    def _read_store(self) -> float | None:
+    def _read_store(self, now_ms: float | None = None) -> float | None:
         """Model versions (for the timeline) and freshness of the newest published one."""
         from trainer.modelstore import ModelStore
 
@@ -227,7 +227,10 @@ class Dashboard:
                           "auc_window": _finite(v.metrics.get("auc_window"))} for v in versions[-200:]]
         if not versions:
             return None
-        fresh = max(0.0, time.time() - versions[-1].trained_until_ts / 1000)
+        # On the stream's clock (the streamer's watermark) when known: a replay of old logs
+        # reports how far the model trails the stream, not the years since the data was made.
+        now = now_ms / 1000 if now_ms else time.time()
+        fresh = max(0.0, now - versions[-1].trained_until_ts / 1000)
         metrics.MODEL_FRESHNESS.set(fresh)
         return fresh
 
@@ -244,7 +247,9 @@ class Dashboard:
                 if owner in present and not _serves(name, owner):
                     continue  # every process exports the whole catalogue; only the owner's value is real
                 merged[k] = merged.get(k, 0.0) + v if k[0].endswith("_total") else v
-        fresh = await asyncio.to_thread(self._read_store) if self._model_store else None
+        watermarks = [v for (n, _), v in merged.items() if n == "dmrstream_streamer_watermark_ms" and v > 0]
+        event_now = max(watermarks) if watermarks else None
+        fresh = await asyncio.to_thread(self._read_store, event_now) if self._model_store else None
         for k, v in self.own_samples().items():
             if k[0] == "dmrstream_consumer_lag":
                 merged[k] = v

@@ -27,7 +27,7 @@ from monitoring import metrics
 from streamer.scoring import ModelHolder, Scorer
 from streamer.scoring_auc import ServingAUC
 from streamer.scoring_features import StoreFeatures
-from streamer.scoring_swap import Swapper, set_freshness
+from streamer.scoring_swap import Swapper, observe_event_time, set_freshness
 from trainer.modelstore import ModelStore
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class ScorerService:
         when there is one, else this scorer's score now (as if requested at the impression)."""
         todo = []
         for imp, r in impressions:
+            observe_event_time(imp.ts)
             hit = self.request_scores.get((imp.request_id, imp.item_id)) if imp.request_id else None
             if hit is not None:
                 self.auc.served(imp.event_id, *hit)

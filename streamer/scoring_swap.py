@@ -128,7 +128,19 @@ class Swapper:
             return True
 
 
+# Newest event time this scorer has seen (ms). Freshness is measured on the stream's own clock, so
+# a replay of old logs reports how far the model trails the stream, not the years since the data.
+_event_clock_ms: list[int] = [0]
+
+
+def observe_event_time(ts_ms: int) -> None:
+    if ts_ms > _event_clock_ms[0]:
+        _event_clock_ms[0] = ts_ms
+
+
 def set_freshness(live: Loaded | None) -> None:
-    """Freshness gauge: now minus the newest event time the serving model learned from."""
+    """Freshness gauge: now (the newest event time seen; the wall clock before any event) minus
+    the newest event time the serving model learned from."""
     if live is not None and live.trained_until_ts:
-        metrics.SCORER_FRESHNESS.set(max(0.0, time.time() - live.trained_until_ts / 1000))
+        now_ms = _event_clock_ms[0] or time.time() * 1000
+        metrics.SCORER_FRESHNESS.set(max(0.0, (now_ms - live.trained_until_ts) / 1000))
