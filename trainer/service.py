@@ -10,6 +10,7 @@ last checkpoint: nothing lost, nothing learned twice. Versions are published to 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -26,7 +27,7 @@ from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_
 from dmrstream.kafkaio import make_consumer, make_producer
 from dmrstream.settings import Settings
 from monitoring import metrics
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from trainer.features import samples_to_batch
 from trainer.model import build_model, build_optimizers, pick_device, predict, train_step
 from trainer.modelstore import ModelStore, split_delta
@@ -312,9 +313,13 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
 
 
 def learned_ids(state_dir: Path | str) -> list[str]:
-    """The ids this trainer has learned, in order (for audits and tests)."""
-    path = Path(state_dir) / "trainer" / "learned_ids.log"
-    if not path.exists():
+    """The ids this trainer has learned durably (up to its last checkpoint), in order. The log
+    may hold more after a crash; the next start truncates it to the checkpoint."""
+    root = Path(state_dir) / "trainer"
+    path, pointer = root / "learned_ids.log", root / "checkpoints" / LATEST
+    if not path.exists() or not pointer.is_file():
         return []
-    return [s for s in path.read_bytes().decode().split("\n") if s]
+    meta = json.loads((root / "checkpoints" / pointer.read_text().strip() / "meta.json").read_text())
+    data = path.read_bytes()[: meta["learned_log_bytes"]]
+    return [s for s in data.decode().split("\n") if s]
 

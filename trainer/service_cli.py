@@ -23,14 +23,15 @@ def trainer(
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus port (default from settings; 0 disables)."),
 ) -> None:
     """Learn DMR incrementally from the samples topic; checkpoint, publish full and delta versions."""
+    # Handlers first: a SIGTERM while torch is still importing must still end in a clean stop.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     from monitoring.metrics import serve_metrics
     from trainer.service import run
 
     settings = settings_of(ctx)
     serve_metrics(settings.metrics.trainer_port if metrics_port is None else metrics_port, settings.metrics.bind)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     t = run(settings, model, device, max_seconds, stop)
     console.print(f"trainer stopped: {t.samples_seen:,} samples learned, last version v{t.version}")
 
