@@ -71,6 +71,21 @@ def _serves(target: str, owner: str) -> bool:
     return target == owner or target.startswith(owner + "-")
 
 
+def merge_scrapes(scrapes: dict[str, Samples]) -> Samples:
+    """One sample dict from every target's scrape: counters (``*_total``) add up across
+    processes; a component's own metric family is taken only from that component, because every
+    process exports the whole catalogue (a trainer gauge reads 0 in the streamer's process)."""
+    merged: Samples = {}
+    present = {o for _, o in _OWNERS if any(_serves(n, o) for n in scrapes)}
+    for name, samples in scrapes.items():
+        for k, v in samples.items():
+            owner = _owner(k[0])
+            if owner in present and not _serves(name, owner):
+                continue
+            merged[k] = merged.get(k, 0.0) + v if k[0].endswith("_total") else v
+    return merged
+
+
 def _finite(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
@@ -239,14 +254,7 @@ class Dashboard:
 
     async def tick(self, session) -> dict:
         results = await asyncio.gather(*(self._scrape_one(session, n, u) for n, u in self.targets.items()))
-        merged: Samples = {}
-        present = {o for _, o in _OWNERS if any(_serves(n, o) for n in self.targets)}
-        for name, r in zip(self.targets, results):
-            for k, v in r.items():
-                owner = _owner(k[0])
-                if owner in present and not _serves(name, owner):
-                    continue  # every process exports the whole catalogue; only the owner's value is real
-                merged[k] = merged.get(k, 0.0) + v if k[0].endswith("_total") else v
+        merged = merge_scrapes(dict(zip(self.targets, results)))
         watermarks = [v for (n, _), v in merged.items() if n == "dmrstream_streamer_watermark_ms" and v > 0]
         event_now = max(watermarks) if watermarks else None
         fresh = await asyncio.to_thread(self._read_store, event_now) if self._model_store else None

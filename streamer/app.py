@@ -173,10 +173,6 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
     async def on_revoked(app_, revoked, **kwargs):
         streamer.release({tp.partition for tp in revoked})
 
-    @app.on_after_configured.connect
-    def _configured(app_, **kwargs):
-        log.info("streamer configured for %s", settings.kafka.bootstrap_servers)
-
     return app
 
 

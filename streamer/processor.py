@@ -24,6 +24,7 @@ from typing import Any, Iterable, Protocol
 
 from dmrstream.contracts import Click, Codec, ContractError, Impression, dead_letter, encode
 from dmrstream.settings import Settings
+from featurestore.logic import counter_add, counter_as_of, empty_counter
 from monitoring import metrics
 from streamer.join import LabelJoin, Outcome
 from streamer.samples import build_sample
@@ -35,9 +36,10 @@ _counters_dec = msgspec.msgpack.Decoder(dict[str, float])
 
 class _BatchCounters:
     """Counter increments made earlier in the current batch (read-your-writes for counters),
-    each kept as (total, last ts, count at last ts) like the store's own counters: O(1)."""
+    kept with the feature store's own point-in-time counter, so both count alike."""
 
-    def __init__(self) -> None:
+    def __init__(self, points: int) -> None:
+        self.points = points
         self.seen: set[str] = set()
         self.counts: dict[tuple[str, str], list[int]] = {}
 
@@ -46,22 +48,17 @@ class _BatchCounters:
             return
         self.seen.add(ev.event_id)
         for side, ident in (("user", ev.user_id), ("item", ev.item_id)):
-            c = self.counts.setdefault((f"{side}_{kind}", str(ident)), [0, -1, 0])
-            c[0] += 1
-            if ev.ts > c[1]:
-                c[1], c[2] = ev.ts, 1
-            elif ev.ts == c[1]:
-                c[2] += 1
+            c = self.counts.setdefault((f"{side}_{kind}", str(ident)), empty_counter())
+            counter_add(c, ev.ts, self.points)
 
     def add_to(self, counters: dict[str, float], imp: Impression) -> None:
         for side, ident in (("user", imp.user_id), ("item", imp.item_id)):
             for kind in ("impressions", "clicks"):
                 name = f"{side}_{kind}"
                 c = self.counts.get((name, str(ident)))
-                if c is not None:
-                    n = c[0] if imp.ts > c[1] else c[0] - c[2]
-                    if n:
-                        counters[name] = counters.get(name, 0.0) + n
+                n = counter_as_of(c, imp.ts) if c is not None else 0
+                if n:
+                    counters[name] = counters.get(name, 0.0) + n
 
 
 class BehaviourStore(Protocol):
@@ -142,7 +139,7 @@ class PartitionProcessor:
         # impression, so later events never leak into its sample.
         before = iter(self.store.counters_many([i.user_id for i in impressions], [i.item_id for i in impressions],
                                                [i.ts for i in impressions]) if impressions else ())
-        overlay = _BatchCounters()
+        overlay = _BatchCounters(self.settings.features.counter_points)
         outcomes: list[Outcome] = []
         for r, ev in decoded:
             if isinstance(ev, Impression):

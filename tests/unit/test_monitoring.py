@@ -180,11 +180,17 @@ def test_every_compose_command_exists_in_the_cli(command):
 
 def test_a_component_metric_is_taken_from_its_owner_only():
     """Every process exports the whole catalogue (a trainer gauge reads 0 in the streamer): the
-    page must show the trainer's own value, whatever order the scrapes come in."""
-    from monitoring.dashboard import _owner, _serves
+    merged view keeps the owner's value whatever order the scrapes come in, and adds counters."""
+    from monitoring.dashboard import merge_scrapes, parse_metrics
 
-    assert _owner("dmrstream_trainer_loss") == "trainer"
-    assert _owner("dmrstream_serving_auc") == "scorer"
-    assert _owner("dmrstream_events_in_total") is None
-    assert _serves("streamer-1", "streamer") and _serves("trainer", "trainer")
-    assert not _serves("trainer", "streamer")
+    trainer = parse_metrics("dmrstream_trainer_loss 0.61\ndmrstream_events_in_total{topic=\"s\"} 5\n")
+    streamer = parse_metrics("dmrstream_trainer_loss 0\ndmrstream_events_in_total{topic=\"s\"} 7\n"
+                             "dmrstream_streamer_pending_impressions{partition=\"0\"} 3\n")
+    for order in (("trainer", "streamer-0"), ("streamer-0", "trainer")):
+        scrapes = {"trainer": trainer, "streamer-0": streamer}
+        merged = merge_scrapes({n: scrapes[n] for n in order})
+        assert merged[("dmrstream_trainer_loss", ())] == 0.61
+        assert merged[("dmrstream_events_in_total", (("topic", "s"),))] == 12
+        assert merged[("dmrstream_streamer_pending_impressions", (("partition", "0"),))] == 3
+    # with targets named freely, nothing is dropped
+    assert ("dmrstream_trainer_loss", ()) in merge_scrapes({"a": trainer})
