@@ -18,7 +18,7 @@ from featurestore import PartitionStore
 from featurestore_log import event_log, reference_counters, reference_sequences, store_sequences
 
 DRIVER = Path(__file__).with_name("featurestore_driver.py")
-SEED, N_EVENTS, BATCH, KILLS = 7, 60_000, 1_000, 22
+SEED, N_EVENTS, BATCH, KILLS = 7, 120_000, 1_000, 22  # long enough for 20+ kills on a fast machine
 TOPIC = ("log", 0)
 KEEP = 64  # seq_len 50 + seq_keep_extra 14 (defaults)
 
