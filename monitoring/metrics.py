@@ -19,6 +19,9 @@ JOIN_OUTCOMES = Counter("dmrstream_join_outcomes_total",
 WATERMARK = Gauge("dmrstream_streamer_watermark_ms", "Event-time watermark of a partition (epoch ms).",
                   ["partition"])
 PENDING = Gauge("dmrstream_streamer_pending_impressions", "Impressions waiting for their label.", ["partition"])
+REORDER_BUFFERED = Gauge("dmrstream_streamer_reorder_buffered_events",
+                         "Events waiting for the other input to reach their event time (merge into time order).",
+                         ["partition"])
 BATCH_SECONDS = Histogram("dmrstream_streamer_batch_seconds",
                           "Time to process one consumed batch (join, store, samples produced).",
                           buckets=_LATENCY_BUCKETS)

@@ -113,7 +113,7 @@ class Streamer:
     async def tick(self) -> None:
         for proc in list(self.processors.values()):
             result = proc.tick(self.settings.join.idle_input_s)
-            if result.messages or result.join_changes:
+            if result.messages or result.state_changes:
                 await self._deliver(proc, result)
 
     async def _deliver(self, proc: PartitionProcessor, result: BatchResult) -> None:

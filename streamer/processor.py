@@ -3,15 +3,19 @@
 No Kafka here: the faust app (``streamer/app.py``) feeds records in and produces what comes out.
 Crash safety with at-least-once delivery, step by step:
 
-1. the join runs in memory over the batch, in consumption order;
-2. behaviour and impression events go to the feature store (idempotent: deduped by event id);
-3. the caller produces the samples and dead letters and waits for the broker's acks;
-4. only then :meth:`PartitionProcessor.commit` persists the join's state changes;
-5. the consumer commits its offsets.
+1. decoded events wait in the merge (``streamer/reorder.py``) until both inputs reach their event
+   time, so the join, counters and sequences see one event-time order whatever the read order;
+2. the join runs in memory over the released events;
+3. behaviour and impression events go to the feature store (idempotent: deduped by event id);
+4. the caller produces the samples and dead letters and waits for the broker's acks;
+5. only then :meth:`PartitionProcessor.commit` persists the join's and the merge's state changes
+   (events still waiting included) in one atomic write;
+6. the consumer commits its offsets.
 
-A crash before 4 redelivers the batch: the store ignores the repeats and the join, restored from
+A crash before 5 redelivers the batch: the store ignores the repeats and the join, restored from
 its last persisted state, emits the same samples again with the same ids (the trainer drops
-repeats). A crash after 4 finds every event already joined. Nothing is lost.
+repeats). A crash after 5 finds every event joined or waiting in the persisted merge. Nothing is
+lost.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from dmrstream.settings import Settings
 from featurestore.logic import counter_add, counter_as_of, empty_counter
 from monitoring import metrics
 from streamer.join import LabelJoin, Outcome
+from streamer.reorder import EventTimeMerger
 from streamer.samples import build_sample
 
 JOIN_PREFIX = b"join/"
+MERGE_PREFIX = b"merge/"
 _counters_enc = msgspec.msgpack.Encoder()
 _counters_dec = msgspec.msgpack.Decoder(dict[str, float])
 
@@ -90,7 +96,7 @@ class BatchResult:
     """What to produce for a batch, and the join state to persist once it is acknowledged."""
 
     messages: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
-    join_changes: dict[bytes, bytes | None] = field(default_factory=dict)
+    state_changes: dict[bytes, bytes | None] = field(default_factory=dict)
     samples: int = 0
     dead: int = 0
 
@@ -112,80 +118,108 @@ class PartitionProcessor:
         self.join = LabelJoin(j.attribution_window_ms, j.allowed_lateness_ms, j.emit_corrections,
                               inputs=(self.impressions_topic, self.clicks_topic))
         self.join.restore((k[len(JOIN_PREFIX):], v) for k, v in store.iter_extra(JOIN_PREFIX))
-        self.last_seen: dict[str, float] = {}
+        self.merger: EventTimeMerger[Impression | Click] = EventTimeMerger(self.join.inputs)
+        self.merger.restore(((k[len(MERGE_PREFIX):], v) for k, v in store.iter_extra(MERGE_PREFIX)), self._decode)
+        # An input never seen counts as silent from now: it is marked idle only after idle_input_s.
+        started = time.monotonic()
+        self.last_seen: dict[str, float] = {t: started for t in self.join.inputs}
 
     def process(self, records: list[Record]) -> BatchResult:
-        """Join and store a batch; returns the messages to produce (samples, dead letters)."""
+        """Buffer a batch into event-time order, then join and store what the merge releases;
+        returns the messages to produce (samples, dead letters)."""
         result = BatchResult()
         now = time.monotonic()
-        decoded: list[tuple[Record, Impression | Click]] = []
         for r in records:
             try:
                 if r.topic == self.impressions_topic:
-                    decoded.append((r, self.imp_codec.decode(r.value)))
+                    ev: Impression | Click = self.imp_codec.decode(r.value)
                 elif r.topic == self.clicks_topic:
-                    decoded.append((r, self.click_codec.decode(r.value)))
+                    ev = self.click_codec.decode(r.value)
                 else:
                     raise ContractError(f"topic: not an input of the streamer ({r.topic})")
             except ContractError as e:
                 self._dead(result, r, e.reason)
+                continue
+            self.merger.push(r.topic, ev.ts, ev.event_id, bytes(r.value), ev)
         for topic in {r.topic for r in records}:
             self.last_seen[topic] = now
             metrics.EVENTS_IN.labels(self.component, topic).inc(sum(1 for r in records if r.topic == topic))
-        events = [e for _, e in decoded]
+        self._handle(self.merger.pop_ready(), result)
+        return result
+
+    def _handle(self, released: list, result: BatchResult) -> None:
+        """Join and store events released in event-time order."""
+        events = [ev for _, _, ev in released]
         impressions = [e for e in events if isinstance(e, Impression)]
-        # Counters as of each impression: the store before this batch (one multi-get) plus what
-        # this batch added earlier, strictly before its timestamp. Frozen with the pending
-        # impression, so later events never leak into its sample.
+        # Counters as of each impression: the store before these events (one multi-get) plus what
+        # they added earlier, strictly before its timestamp. Every earlier event of both inputs
+        # has been released before (the merge), so the counts do not depend on read order; frozen
+        # with the pending impression, so later events never leak into its sample.
         before = iter(self.store.counters_many([i.user_id for i in impressions], [i.item_id for i in impressions],
                                                [i.ts for i in impressions]) if impressions else ())
         overlay = _BatchCounters(self.settings.features.counter_points)
         outcomes: list[Outcome] = []
-        for r, ev in decoded:
+        for topic, raw, ev in released:
             if isinstance(ev, Impression):
                 counters = next(before)
                 overlay.add_to(counters, ev)
                 overlay.count("impressions", ev)
                 outcomes += self.join.on_impression(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id,
-                                                    bytes(r.value), r.topic, _counters_enc.encode(counters))
+                                                    raw, topic, _counters_enc.encode(counters))
             elif ev.behavior == "click":
                 overlay.count("clicks", ev)
-                outcomes += self.join.on_click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id, r.topic)
+                outcomes += self.join.on_click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id, topic)
         if events:
             with metrics.FEATURESTORE_SECONDS.labels("apply").time():
                 self.store.apply(events)
         self._emit(outcomes, result)
-        result.join_changes = self.join.drain_changes()
-        return result
+        result.state_changes = self._drain_changes()
+
+    def _drain_changes(self) -> dict[bytes, bytes | None]:
+        changes = {JOIN_PREFIX + k: v for k, v in self.join.drain_changes().items()}
+        changes.update((MERGE_PREFIX + k, v) for k, v in self.merger.drain_changes().items())
+        return changes
 
     def tick(self, idle_after_s: float) -> BatchResult:
         """Mark an input idle when it has been silent for ``idle_after_s`` while another input
-        kept flowing (so the watermark advances and negatives go out when, say, clicks stop).
-        When every input is silent nothing is marked: a pause upstream must not expire
-        impressions whose clicks are merely late. Returns what that emits."""
+        kept flowing (so the merge releases and the watermark advances, and negatives go out when,
+        say, clicks stop). When every input is silent nothing is marked: a pause upstream must not
+        expire impressions whose clicks are merely late. Returns what that emits."""
         result = BatchResult()
         now = time.monotonic()
         outcomes: list[Outcome] = []
         topics = (self.impressions_topic, self.clicks_topic)
-        silent = {t for t in topics if now - self.last_seen.get(t, 0) > idle_after_s}
+        silent = {t for t in topics if now - self.last_seen[t] > idle_after_s}
+        released: list = []
+        for topic in silent:
+            flowing = [t for t in topics if t not in silent and t != topic]
+            if flowing and topic not in self.merger.idle:
+                self.merger.set_idle(topic, True)
+                released += self.merger.pop_ready()
+        if released:
+            self._handle(released, result)
         for topic in silent:
             flowing = [t for t in topics if t not in silent and t != topic]
             if topic in self.join.high and topic not in self.join.idle and flowing:
                 outcomes += self.join.set_idle(topic, True)
         self._emit(outcomes, result)
-        result.join_changes = self.join.drain_changes()
+        result.state_changes.update(self._drain_changes())
         return result
 
     def commit(self, result: BatchResult) -> None:
         """Persist the join's changes once the batch's messages are acknowledged by the broker."""
-        if result.join_changes:
-            puts = {JOIN_PREFIX + k: v for k, v in result.join_changes.items() if v is not None}
-            deletes = [JOIN_PREFIX + k for k, v in result.join_changes.items() if v is None]
+        if result.state_changes:
+            puts = {k: v for k, v in result.state_changes.items() if v is not None}
+            deletes = [k for k, v in result.state_changes.items() if v is None]
             self.store.apply([], extra_puts=puts, extra_deletes=deletes)
         wm = self.join.watermark
         if wm is not None:
             metrics.WATERMARK.labels(str(self.partition)).set(wm)
         metrics.PENDING.labels(str(self.partition)).set(len(self.join.pending))
+        metrics.REORDER_BUFFERED.labels(str(self.partition)).set(len(self.merger))
+
+    def _decode(self, topic: str, raw: bytes) -> Impression | Click:
+        return (self.imp_codec if topic == self.impressions_topic else self.click_codec).decode(raw)
 
     def _emit(self, outcomes: list[Outcome], result: BatchResult) -> None:
         for o in outcomes:

@@ -23,6 +23,9 @@ COUNTER_KEYS = ("user_impressions", "user_clicks", "item_impressions", "item_cli
 # Dense features derived from the counters: log1p of the four counts, smoothed user and item
 # click rates and their logits, and a flag telling "no counters" apart from "zero counts".
 NUM_DENSE = 9
+# Display position of an impression (slot on the page): 0 = unknown (scoring, sources without it),
+# else 1 + min(position, POSITION_BUCKETS - 2).
+POSITION_BUCKETS = 32
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SALTS = {"item": 0x1F3D5B79, "category": 0x2C4E6A88, "user": 0x3B5D7F91, "field": 0x4A6C8EA2}
@@ -110,6 +113,7 @@ class Batch:
     context: Any
     item_fields: Any
     dense: Any
+    display_position: Any
     label: Any
 
     def __len__(self) -> int:
@@ -172,7 +176,7 @@ def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
     """Batch from column arrays: ``user_id, item_id, category_id, ts`` (length B), ragged
     ``hist_item_ids, hist_category_ids, hist_behaviors, hist_ts`` (B lists, oldest first), and
     optional ``label``, ``counters`` ((B, 4) array in COUNTER_KEYS order or B dicts/None),
-    ``user_profile``, ``context``, ``item_features`` (B dicts/None).
+    ``user_profile``, ``context``, ``item_features`` (B dicts/None), ``position`` (B ints/None).
 
     Scorers build one user's sequence with many candidates by repeating the user columns.
     """
@@ -213,6 +217,9 @@ def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
         present = np.fromiter((bool(c) for c in counters), dtype=bool, count=B)
     label = cols.get("label")
     none = [None] * B
+    shown_at = cols.get("position") or none
+    display_position = np.fromiter((0 if p is None else 1 + min(int(p), POSITION_BUCKETS - 2) for p in shown_at),
+                                   dtype=np.int64, count=B)
     return Batch(
         user=hash_ids(cols["user_id"], m.user_vocab_size, "user"),
         item=hash_ids(cols["item_id"], m.item_vocab_size, "item"),
@@ -223,12 +230,14 @@ def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
         context=hash_field_maps(cols.get("context") or none, m.max_context_fields, m.field_vocab_size),
         item_fields=hash_field_maps(cols.get("item_features") or none, m.max_item_fields, m.field_vocab_size),
         dense=counter_features(cnt, present, m.counter_smoothing, m.counter_prior),
+        display_position=display_position,
         label=(np.zeros(B, np.float32) if label is None else np.asarray(label, dtype=np.float32)),
     )
 
 
 _SAMPLE_COLUMNS = ("user_id", "item_id", "category_id", "ts", "label", "hist_item_ids", "hist_category_ids",
-                   "hist_behaviors", "hist_ts", "counters", "user_profile", "context", "item_features")
+                   "hist_behaviors", "hist_ts", "counters", "user_profile", "context", "item_features",
+                   "position")
 
 
 def samples_to_batch(samples: Sequence[Any], settings: Any) -> Batch:

@@ -204,3 +204,58 @@ def test_dmr_learns_a_sequence_dependent_click_that_lr_cannot():
     torch.set_num_threads(threads)
     assert result["dmr"] > 0.85, result
     assert result["lr"] < 0.62, result  # no interaction terms: near chance, its ceiling here
+
+
+@pytest.mark.parametrize("kind", ["dmr", "din", "lr"])
+def test_first_step_starts_the_output_at_the_base_rate_once(kind):
+    s = small_settings()
+    samples = make_samples(64, seed=3)
+    for k, smp in enumerate(samples):
+        smp.label = int(k % 10 == 0)  # 7 of 64 positive, like click data
+    b = samples_to_batch(samples, s).to_torch()
+    torch.manual_seed(0)
+    model = build_model(s, kind)
+    opts = build_optimizers(model, s)
+    positives = samples_to_batch(samples, s).to_torch()
+    positives.label = torch.ones_like(positives.label)  # a live stream starts with positives only
+    train_step(model, opts, positives)
+    assert float(model.inputs.output_calibrated) == 0.0  # no base rate in one label
+    train_step(model, opts, b)
+    assert float(model.inputs.output_calibrated) == 1.0
+    # (7 + 2) / (64 + 4) shrunk towards 1/2, then small Adam steps
+    assert float(predict(model, b).mean()) == pytest.approx(9 / 68, abs=0.03)
+    # A restored model (flag saved with the weights) is never re-initialised by a different batch.
+    fresh = build_model(s, kind)
+    fresh.load_state_dict(model.state_dict())
+    before = fresh.linear.bias.clone() if kind == "lr" else fresh.mlp[-1].bias.clone()
+    for smp in samples:
+        smp.label = 1
+    train_step(fresh, build_optimizers(fresh, s), samples_to_batch(samples, s).to_torch())
+    after = fresh.linear.bias if kind == "lr" else fresh.mlp[-1].bias
+    assert abs(float(after - before)) < 0.01  # one optimiser step, not a jump to logit(1)
+
+
+def test_position_bias_is_learned_apart_and_absent_when_scoring_without_a_position():
+    s = small_settings()
+    rng = np.random.default_rng(0)
+    samples = make_samples(4000, seed=5)
+    for smp in samples:  # the click depends on the slot only
+        smp.position = int(rng.integers(0, 10))
+        smp.label = int(rng.random() < (0.4 if smp.position == 0 else 0.05))
+    torch.manual_seed(0)
+    model = build_model(s, "dmr")
+    opts = build_optimizers(model, s)
+    for _ in range(4):
+        for i in range(0, 4000, 64):
+            train_step(model, opts, samples_to_batch(samples[i:i + 64], s).to_torch())
+    bias = model.inputs.position_bias.weight[:, 0].detach()
+    assert float(bias[1]) > float(bias[2:11].max()) + 0.15  # slot 0 is encoded as row 1 (Adam: <= 1e-3/step)
+    assert float(bias[0]) == 0.0  # unknown position: no bias
+    b = samples_to_batch(samples[:50], s).to_torch()
+    with_slot = predict(model, b)
+    b.display_position = torch.zeros_like(b.display_position)
+    without = predict(model, b)
+    assert not torch.allclose(with_slot, without)
+    off = build_model(s, "dmr", ["display_position"])
+    off.load_state_dict(model.state_dict())
+    assert torch.allclose(predict(off, b), without)

@@ -114,7 +114,8 @@ def test_bad_messages_are_dead_lettered_and_good_ones_still_flow():
     bad = [Record("p.impressions", 0, 1, b"k", b"{not json"), Record("p.clicks", 0, 2, None, b"\xff\xfe"),
            Record("p.impressions", 0, 3, b"k", json.dumps({"event_id": "x", "user_id": -5}).encode()),
            Record("p.clicks", 0, 4, b"k", None)]
-    res = run(proc, [rec("impressions", imp("a", 0, req="r")), *bad, rec("clicks", clk("c", 5, req="r"))])
+    res = run(proc, [rec("impressions", imp("a", 0, req="r")), *bad, rec("clicks", clk("c", 5, req="r")),
+                     rec("impressions", imp("b", 10, user=2))])  # moves the merge past the click
     dead = [decode_dead_letter(v) for t, _, v in res.messages if t == "p.dead-letters"]
     assert [d.offset for d in dead] == [1, 2, 3, 4]
     assert dead[0].original == b"{not json" and dead[0].reason.startswith("malformed")
@@ -124,7 +125,8 @@ def test_bad_messages_are_dead_lettered_and_good_ones_still_flow():
 
 def test_crash_before_commit_reemits_the_same_samples_and_after_commit_nothing():
     store = ReferenceStore()
-    batch = [rec("impressions", imp("a", 0, req="r")), rec("clicks", clk("c", 5, req="r"))]
+    batch = [rec("impressions", imp("a", 0, req="r")), rec("clicks", clk("c", 5, req="r")),
+             rec("impressions", imp("b", 10, user=2))]
     proc = PartitionProcessor(0, store, settings())
     first = proc.process(batch)  # produced, then the process dies before commit
     proc = PartitionProcessor(0, store, settings())  # restart from what was persisted
@@ -132,3 +134,25 @@ def test_crash_before_commit_reemits_the_same_samples_and_after_commit_nothing()
     assert [s.sample_id for s in samples_of(again)] == [s.sample_id for s in samples_of(first)] == ["a"]
     proc = PartitionProcessor(0, store, settings())  # crash after commit: redelivery is a no-op
     assert samples_of(run(proc, batch)) == []
+
+
+def test_events_waiting_for_the_other_input_survive_a_restart_and_count_in_time_order():
+    store = ReferenceStore()
+    proc = PartitionProcessor(0, store, settings())
+    # Impressions read first; no click fetched yet: everything waits in the merge ...
+    res = run(proc, [rec("impressions", imp("a", 0, req="r")), rec("impressions", imp("b", 1_000, item=11)),
+                     rec("impressions", imp("c", 2_000, item=12))])
+    assert res.messages == [] and len(proc.merger) == 3
+    assert any(k.startswith(b"merge/") for k in store.extra)  # ... persisted with the join state
+    # The process dies; offsets were committed. The restarted processor still has them.
+    proc = PartitionProcessor(0, store, settings())
+    assert len(proc.merger) == 3
+    res = run(proc, [rec("clicks", clk("ca", 500, req="r")), rec("clicks", clk("other", 3_000, user=2, item=5))])
+    (a,) = samples_of(res)
+    assert a.sample_id == "a" and a.label == 1
+    later = run(proc, [rec("impressions", imp("d", 2 * W + 5_000, user=3)), rec("clicks", clk("x", 2 * W + 5_000, user=3))])
+    got = {s.sample_id: s for s in samples_of(later)}
+    # b and c were joined after the click at 500 although it was read after them
+    assert got["b"].counters["user_clicks"] == 1 and got["b"].hist_item_ids == [10]
+    assert got["c"].counters["user_clicks"] == 1 and got["c"].counters["user_impressions"] == 2
+    assert len(proc.merger) == 0 and not any(k.startswith(b"merge/m/") for k in store.extra)

@@ -18,7 +18,6 @@ from streamer.processor import PartitionProcessor, Record
 T0 = 1_700_000_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="counters depend on cross-topic read order (see module docstring)")
 def test_counters_do_not_depend_on_which_topic_is_read_first(tmp_path):
     s = load_settings(overrides={"state_dir": str(tmp_path), "topics.prefix": "p.", "join.attribution_window_ms": 1000})
     proc = PartitionProcessor(0, open_partition_store(s, 0), s)
