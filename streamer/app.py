@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +26,7 @@ from streamer.processor import BatchResult, PartitionProcessor, Record
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 2000
-BATCH_WITHIN_S = 0.05
+BATCH_WITHIN_S = 0.25
 
 
 def faust_broker_options(settings: Settings) -> dict[str, Any]:
@@ -86,47 +86,49 @@ class Streamer:
                     close()
 
     async def handle(self, records: list[Record]) -> None:
+        """Process a consumed batch partition by partition, produce everything it emits with one
+        flush, and only then persist each partition's state (see ``streamer/processor.py``)."""
         by_partition: dict[int, list[Record]] = defaultdict(list)
         for r in records:
             by_partition[r.partition].append(r)
-        for partition, recs in by_partition.items():
-            attempt = 0
-            while True:
-                proc = self.processor(partition)
-                try:
-                    started = time.perf_counter()
-                    result = proc.process(recs)
-                    await self._deliver(proc, result)
-                    took = time.perf_counter() - started
-                    metrics.BATCH_SECONDS.observe(took)
-                    self.batch_times.append((took, len(recs)))
-                    self.events_in += len(recs)
-                    break
-                except (KafkaError, OSError) as e:
-                    # The join ran ahead in memory: drop it, rebuild from what was persisted and
-                    # redo the batch (the store ignores the repeats). Back off, never spin.
-                    attempt += 1
-                    log.warning("partition %d: delivery failed (%s); retry %d", partition, e, attempt)
-                    self.release({partition})
-                    await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+        attempt = 0
+        while True:
+            try:
+                started = time.perf_counter()
+                procs = [(self.processor(p), recs) for p, recs in by_partition.items()]
+                results = [(proc, proc.process(recs)) for proc, recs in procs]
+                await self._deliver(results)
+                took = time.perf_counter() - started
+                metrics.BATCH_SECONDS.observe(took)
+                self.batch_times.append((took, len(records)))
+                self.events_in += len(records)
+                return
+            except (KafkaError, OSError) as e:
+                # The joins ran ahead in memory: drop them, rebuild from what was persisted and
+                # redo the batch (the stores ignore the repeats). Back off, never spin.
+                attempt += 1
+                log.warning("partitions %s: delivery failed (%s); retry %d", sorted(by_partition), e, attempt)
+                self.release(set(by_partition))
+                await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
 
     async def tick(self) -> None:
-        for proc in list(self.processors.values()):
-            result = proc.tick(self.settings.join.idle_input_s)
-            if result.messages or result.state_changes:
-                await self._deliver(proc, result)
+        results = [(proc, proc.tick(self.settings.join.idle_input_s)) for proc in list(self.processors.values())]
+        await self._deliver([(proc, r) for proc, r in results if r.messages or r.state_changes])
 
-    async def _deliver(self, proc: PartitionProcessor, result: BatchResult) -> None:
-        futures = [self.producer.send(topic, key=key, value=value) for topic, key, value in result.messages]
+    async def _deliver(self, results: list[tuple[PartitionProcessor, BatchResult]]) -> None:
+        futures = [self.producer.send(topic, key=key, value=value)
+                   for _, result in results for topic, key, value in result.messages]
         if futures:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self.producer.flush)
             for f in futures:
                 f.get(timeout=0)  # raises if the broker refused: the batch is then redelivered
-            for topic, _, _ in result.messages:
-                metrics.EVENTS_OUT.labels("streamer", topic).inc()
-        proc.commit(result)
-        self.samples_out += result.samples
+            out = Counter(topic for _, result in results for topic, _, _ in result.messages)
+            for topic, n in out.items():
+                metrics.EVENTS_OUT.labels("streamer", topic).inc(n)
+        for proc, result in results:
+            proc.commit(result)
+            self.samples_out += result.samples
 
     def close(self) -> None:
         self.release(set(self.processors))

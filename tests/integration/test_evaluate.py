@@ -55,7 +55,8 @@ def test_prequential_scores_before_learning_and_never_learns_same_timestamp_firs
     z = np.zeros((n, 1), dtype=np.int64)
     data = Batch(user=np.arange(n), item=np.zeros(n, np.int64), category=np.zeros(n, np.int64), hist_item=z,
                  hist_category=z, hist_behavior=z, hist_position=z, hist_gap=z, mask=np.zeros((n, 1), np.float32),
-                 profile=z, context=z, item_fields=z, dense=np.zeros((n, 1), np.float32), label=np.zeros(n, np.float32))
+                 profile=z, context=z, item_fields=z, dense=np.zeros((n, 1), np.float32),
+                 display_position=np.zeros(n, np.int64), label=np.zeros(n, np.float32))
     model = Recorder()
     opts = type("O", (), {"zero_grad": lambda self: None, "step": lambda self: None})()
     preds = prequential(model, opts, data, ts, 2, "cpu")
