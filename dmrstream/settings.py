@@ -119,6 +119,8 @@ class ModelSettings(BaseModel):
     max_context_fields: int = Field(4, ge=0, le=64)
     max_item_fields: int = Field(8, ge=0, le=64)
     embedding_learning_rate: float = Field(1e-3, gt=0)
+    # the additive logit terms (output bias, display-position bias) track the base rate faster
+    bias_learning_rate: float = Field(0.02, gt=0)
     attention_hidden: list[int] = [80, 40]
     counter_smoothing: float = Field(5.0, ge=0)  # pseudo-impressions at the prior rate
     counter_prior: float = Field(0.5, gt=0, lt=1)
