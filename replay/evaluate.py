@@ -50,12 +50,13 @@ class StreamAUCs:
 
 class ReferenceAUCs:
     """Feed events in stream order with :meth:`add`; :meth:`result` gives both AUCs so far.
-    Memory: 17 bytes per impression plus the open (unlabelled) ones within the window."""
+    Memory: 25 bytes per impression plus the open (unlabelled) ones within the window."""
 
     def __init__(self, window_ms: int = 30 * 60 * 1000, prior: float = 5.0):
         self.window_ms, self.prior = window_ms, prior
         self.oracle, self.pop = array("d"), array("d")
         self.labels = bytearray()
+        self.ts = array("q")  # impression times, to score a prefix of the stream
         self.open_by_request: dict[str, int] = {}
         self.open_by_pair: dict[tuple, int] = {}
         self.open_order: deque[tuple[int, str | None, tuple, int]] = deque()
@@ -89,6 +90,7 @@ class ReferenceAUCs:
         self.pop.append((c + self.prior * g) / (n + self.prior))
         self.oracle.append(ev.true_ctr if ev.true_ctr is not None else float("nan"))
         self.labels.append(0)
+        self.ts.append(ev.ts)
         if ev.request_id is not None:
             self.open_by_request[ev.request_id] = idx
         self.open_by_pair[(ev.user_id, ev.item_id)] = idx
@@ -113,13 +115,19 @@ class ReferenceAUCs:
             if self.open_by_pair.get(pair) == idx:
                 del self.open_by_pair[pair]
 
-    def result(self) -> StreamAUCs:
+    def result(self, until_ts: int | None = None) -> StreamAUCs:
+        """Both AUCs over the impressions so far, or only those at or before ``until_ts`` (to
+        compare with a model that has learned the stream up to that event time)."""
         labels = np.frombuffer(bytes(self.labels), dtype=np.uint8)
         oracle = np.frombuffer(self.oracle, dtype=np.float64) if len(self.oracle) else np.zeros(0)
+        pop = np.frombuffer(self.pop, dtype=np.float64) if len(self.pop) else np.zeros(0)
+        if until_ts is not None and len(labels):
+            keep = np.frombuffer(self.ts, dtype=np.int64) <= until_ts
+            labels, oracle, pop = labels[keep], oracle[keep], pop[keep]
         has_truth = len(oracle) > 0 and not np.isnan(oracle).any()
         return StreamAUCs(impressions=len(labels), clicks=self.clicks,
                           oracle_auc=auc(oracle, labels) if has_truth else float("nan"),
-                          popularity_auc=auc(np.frombuffer(self.pop, dtype=np.float64), labels) if len(labels) else float("nan"))
+                          popularity_auc=auc(pop, labels) if len(labels) else float("nan"))
 
 
 def reference_aucs(events: Iterable[Event], window_ms: int = 30 * 60 * 1000) -> StreamAUCs:

@@ -135,3 +135,19 @@ def test_events_file_bad_lines_are_counted_with_reasons(tmp_path):
     assert back == good
     assert [line for _, line, _ in bad.first] == [3, 4, 7]
     assert "limit: ts" in bad.first[0][2] and "malformed" in bad.first[1][2] and "behavior" in bad.first[2][2]
+
+
+def test_reference_over_a_prefix_scores_only_the_impressions_up_to_that_time():
+    from replay.evaluate import ReferenceAUCs
+
+    events = list(simulate(SimConfig(users=300, items=500, seed=4), 6000))
+    ref = ReferenceAUCs(60_000)
+    for ev in events:
+        ref.add(ev)
+    whole = ref.result()
+    assert ref.result(until_ts=events[-1].ts) == whole
+    mid = events[len(events) // 2].ts
+    part = ref.result(until_ts=mid)
+    assert part.impressions == sum(1 for e in events if isinstance(e, Impression) and e.ts <= mid)
+    assert 0 < part.impressions < whole.impressions
+    assert 0.5 < part.popularity_auc < 1 and part.popularity_auc != whole.popularity_auc
