@@ -140,6 +140,8 @@ def requests_batch(requests: Sequence[ScoreRequest], feats: Sequence[UserFeature
         "item_features": [c.item_features for c in cands], "counters": counters}, settings)
     for name in (*_HIST_FIELDS, *_USER_FIELDS):
         setattr(items, name, np.repeat(getattr(user, name), counts, axis=0))
+    # one group per request (dense ids): the model computes each user side once (1.8x for DMR)
+    items.group = np.repeat(np.cumsum(counts > 0) - 1, counts)
     return items
 
 

@@ -115,6 +115,10 @@ class Batch:
     dense: Any
     display_position: Any
     label: Any
+    # Optional (B,) ids 0..G-1, non-decreasing: rows with one id share the whole user side
+    # (sequence, user, profile, context); a scorer's candidates of one request. The model then
+    # computes the user side once per group. Dropped by slice/concat.
+    group: Any = None
 
     def __len__(self) -> int:
         return int(self.item.shape[0])
@@ -126,6 +130,9 @@ class Batch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+                continue
             t = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
             if pin and t.device.type == "cpu":
                 t = t.pin_memory()
@@ -133,12 +140,12 @@ class Batch:
         return Batch(**out)
 
     def slice(self, idx: Any) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "group"})
 
     @staticmethod
     def concat(batches: Sequence["Batch"]) -> "Batch":
         return Batch(**{f.name: np.concatenate([getattr(b, f.name) for b in batches])
-                        for f in fields(Batch)})
+                        for f in fields(Batch) if f.name != "group"})
 
 
 def counter_features(counters: np.ndarray, present: np.ndarray, smoothing: float, prior: float) -> np.ndarray:

@@ -107,6 +107,13 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(s, dim=-1) * mask
 
 
+def group_first_rows(group: torch.Tensor) -> torch.Tensor:
+    """First row of each group of a non-decreasing (B,) group id tensor."""
+    starts = torch.ones_like(group, dtype=torch.bool)
+    starts[1:] = group[1:] != group[:-1]
+    return starts.nonzero().squeeze(1)
+
+
 def linear_of_concat(linear: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
     """``linear(cat(parts, -1))`` without materialising the broadcast concatenation: parts may
     have different leading shapes (e.g. target (B,1,E) next to positions (B,T,P))."""
@@ -118,6 +125,15 @@ def linear_of_concat(linear: nn.Linear, parts: list[torch.Tensor]) -> torch.Tens
         out = y if out is None else out + y
     assert start == linear.in_features
     return out + linear.bias
+
+
+class _columns:
+    """A view of ``linear``'s input columns [start, stop) with no bias (for linear_of_concat)."""
+
+    def __init__(self, linear: nn.Linear, start: int, stop: int):
+        self.weight = linear.weight[:, start:stop]
+        self.in_features = stop - start
+        self.bias = 0.0
 
 
 class AttentionScorer(nn.Module):
@@ -135,12 +151,24 @@ class AttentionScorer(nn.Module):
         self.rest = nn.Sequential(*rest, nn.Sigmoid(), nn.Linear(hidden[-1], 1))
         self.key_dim = key_dim
 
-    def forward(self, query_parts: list[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
-        q = self.align_act(linear_of_concat(self.align, query_parts))  # (B|1, T|1, K)
+    def forward(self, query_parts: list[torch.Tensor], keys: torch.Tensor,
+                group_parts: list[torch.Tensor] = (), group: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B, T). With ``group`` (B,) and ``keys``/``group_parts`` given per group
+        (G, T, .), the projections of what a group shares are computed once per group."""
         k = self.key_dim
         w = self.first.weight
+        if group is None:
+            q = self.align_act(linear_of_concat(self.align, query_parts))  # (B|1, T|1, K)
+            key_proj = F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k])
+        else:
+            n = sum(p.shape[-1] for p in query_parts)
+            own = linear_of_concat(_columns(self.align, 0, n), query_parts) if query_parts else 0.0
+            shared = F.linear(torch.cat(list(group_parts), -1), self.align.weight[:, n:])[group] if group_parts else 0.0
+            q = self.align_act(own + shared + self.align.bias)
+            key_proj = F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k])[group]
+            keys = keys[group]
         # W [q, k, q-k, q*k] = (Wq + Wd) q + (Wk - Wd) k + Wp (q*k): same function, fewer FLOPs
-        h = (F.linear(q, w[:, :k] + w[:, 2 * k:3 * k]) + F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k])
+        h = (F.linear(q, w[:, :k] + w[:, 2 * k:3 * k]) + key_proj
              + F.linear(q * keys, w[:, 3 * k:]) + self.first.bias)
         return self.rest(h).squeeze(-1)  # (B, T)
 
@@ -188,16 +216,23 @@ class InputLayer(nn.Module):
     def forward(self, b: Batch) -> dict[str, torch.Tensor]:
         B = b.item.shape[0]
         target = torch.cat([self.item_emb(b.item), self.category_emb(b.category)], -1)
-        hist = torch.cat([self.item_emb(b.hist_item), self.category_emb(b.hist_category)], -1)
-        mask = b.mask.to(hist.dtype)
+        # grouped only for inference (training batches hold one row per user anyway)
+        first = group_first_rows(b.group) if b.group is not None and not self.training else None
+        rows = slice(None) if first is None else first
+        hist = torch.cat([self.item_emb(b.hist_item[rows]), self.category_emb(b.hist_category[rows])], -1)
+        mask = b.mask[rows].to(hist.dtype)
         n = mask.sum(1, keepdim=True)
         pooled = (hist * mask.unsqueeze(-1)).sum(1) / n.clamp(min=1)
+        group_hist = None
+        if first is not None:  # the sequence once per group; rows get their group's
+            group_hist, hist, pooled = hist, hist[b.group], pooled[b.group]
         parts = [self.user_emb(b.user), self.field_emb(b.profile).reshape(B, -1),
                  self.field_emb(b.context).reshape(B, -1), target,
                  self.field_emb(b.item_fields).reshape(B, -1), pooled]
         if self.cfg.counters:
             parts.append(b.dense)
-        return {"static": torch.cat(parts, -1), "target": target, "hist": hist, "mask": b.mask}
+        return {"static": torch.cat(parts, -1), "target": target, "hist": hist, "mask": b.mask,
+                "group_hist": group_hist, "first": first}
 
     def position_logit(self, b: Batch) -> torch.Tensor | float:
         """(B,) additive logit of the display position (0 where unknown or switched off)."""
@@ -238,13 +273,14 @@ class DMR(nn.Module):
             width += E + 1
         self.mlp = _mlp(width, cfg.mlp_hidden)
 
-    def _context(self, b: Batch) -> list[torch.Tensor]:
+    def _context(self, b: Batch, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
         inp = self.inputs
-        parts = [inp.behavior_emb(b.hist_behavior)]
+        r = slice(None) if rows is None else rows
+        parts = [inp.behavior_emb(b.hist_behavior[r])]
         if self.cfg.position:
-            parts.append(inp.position_emb(b.hist_position))
+            parts.append(inp.position_emb(b.hist_position[r]))
         if self.cfg.time_gaps:
-            parts.append(inp.gap_emb(b.hist_gap))
+            parts.append(inp.gap_emb(b.hist_gap[r]))
         return parts
 
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
@@ -275,17 +311,30 @@ class DMR(nn.Module):
         x = self.inputs(b)
         hist, mask = x["hist"], x["mask"]
         feats, extras = [x["static"]], {}
+        # Rows of one group (a scorer's candidates for one user) share the user side: the U2I
+        # attention and the behaviours' projections are computed once per group.
+        first, g = x["first"], b.group
         if self.cfg.u2i:
-            scores = self.u2i_scores(b, hist)
-            w = masked_softmax(scores, mask)
-            u = self._user_vector(w, hist)
+            if first is None:
+                scores = self.u2i_scores(b, hist)
+                w = masked_softmax(scores, mask)
+                u = self._user_vector(w, hist)
+            else:
+                gh = x["group_hist"]
+                w = masked_softmax(self.u2i_scorer(self._context(b, first), gh), mask[first])
+                u = self._user_vector(w, gh)[g]
+                w = w[g]
             r = (u * self.item_vectors(b.item)).sum(-1, keepdim=True)
             feats.append(r)
             extras.update(u2i_weights=w, user_vector=u, r=r)
             if self.training and self.cfg.aux_loss:
                 extras["aux_loss"] = self._aux_loss(b, hist, scores)
         if self.cfg.i2i:
-            scores = self.i2i_scorer([x["target"].unsqueeze(1), *self._context(b)], hist)
+            if first is None:
+                scores = self.i2i_scorer([x["target"].unsqueeze(1), *self._context(b)], hist)
+            else:
+                scores = self.i2i_scorer([x["target"].unsqueeze(1)], x["group_hist"],
+                                         group_parts=self._context(b, first), group=g)
             w = masked_softmax(scores, mask)
             u_hat = torch.bmm(w.unsqueeze(1).to(hist.dtype), hist).squeeze(1)
             r_hat = (scores * mask).sum(1, keepdim=True)

@@ -252,3 +252,31 @@ def test_position_bias_is_learned_apart_and_absent_when_scoring_without_a_positi
     off = build_model(s, "dmr", ["display_position"])
     off.load_state_dict(model.state_dict())
     assert torch.allclose(predict(off, b), without)
+
+
+@pytest.mark.parametrize("kind", ["dmr", "din", "lr"])
+def test_grouped_rows_score_exactly_like_one_row_each(kind):
+    """A scorer's candidates share their user's side: computing it once per group changes nothing."""
+    s = small_settings()
+    rng = np.random.default_rng(4)
+    samples, group = [], []
+    for g, n in enumerate([5, 1, 9]):
+        base = make_samples(1, seed=g)[0]
+        for k in range(n):
+            item = int(rng.integers(0, 300))
+            samples.append(Sample(**{**{f: getattr(base, f) for f in base.__struct_fields__},
+                                     "sample_id": f"g{g}-{k}", "item_id": item, "category_id": item % 10}))
+            group.append(g)
+    torch.manual_seed(0)
+    model = build_model(s, kind)
+    b = samples_to_batch(samples, s)
+    plain = predict(model, b.to_torch())
+    b.group = np.array(group, dtype=np.int64)
+    grouped = predict(model, b.to_torch())
+    assert torch.allclose(plain, grouped, atol=1e-6)
+    model.train()  # training ignores groups (one row per user there): the same loss either way
+    losses = []
+    for batch in (b, samples_to_batch(samples, s)):
+        torch.manual_seed(1)  # the auxiliary loss samples negatives
+        losses.append(loss_of(model, batch.to_torch())[0])
+    assert torch.allclose(*losses)
