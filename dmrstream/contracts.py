@@ -147,8 +147,18 @@ class ModelUpdate(_Event, kw_only=True):
     metrics: dict[Annotated[str, Meta(max_length=64)], FiniteFloat] = {}
 
 
+# Most of a rejected message's bytes kept in its envelope. The envelope (base64: 4/3 of this,
+# plus reason and key) must fit the producer's 1 MiB request limit and real Kafka's default
+# message.max.bytes, or dead-lettering an oversized message would itself fail (and stop the
+# component). Longer originals keep their head; ``truncated`` and ``original_bytes`` say so.
+DEAD_LETTER_MAX_ORIGINAL = 512 * 1024
+DEAD_LETTER_MAX_KEY = 4096
+
+
 class DeadLetter(Struct, kw_only=True, omit_defaults=True):
-    """Envelope for a rejected message: why, where from, and the original bytes (base64 in JSON)."""
+    """Envelope for a rejected message: why, where from, and the original bytes (base64 in JSON);
+    an original over :data:`DEAD_LETTER_MAX_ORIGINAL` keeps its head (``truncated``, with its
+    full length in ``original_bytes``)."""
 
     schema: int = SCHEMA_VERSION
     reason: str
@@ -159,6 +169,8 @@ class DeadLetter(Struct, kw_only=True, omit_defaults=True):
     key: bytes | None = None
     original: bytes
     ts: int = 0
+    truncated: bool = False
+    original_bytes: int | None = None
 
 
 Contract = Union[Impression, Click, ScoreRequest, Score, Sample, ModelUpdate]
@@ -300,10 +312,16 @@ def _check_limits(event: Any, limits: Any) -> None:
 
 def dead_letter(reason: str, original: bytes | None, component: str, *, topic: str | None = None,
                 partition: int | None = None, offset: int | None = None, key: bytes | None = None) -> bytes:
-    """Encoded dead-letter envelope for a rejected message."""
+    """Encoded dead-letter envelope for a rejected message (small enough to produce whatever the
+    original's size: see :data:`DEAD_LETTER_MAX_ORIGINAL`)."""
+    raw = bytes(original or b"")
+    cut = len(raw) > DEAD_LETTER_MAX_ORIGINAL
+    if key is not None and len(key) > DEAD_LETTER_MAX_KEY:
+        key, cut = bytes(key[:DEAD_LETTER_MAX_KEY]), True
     return _encoder.encode(DeadLetter(
-        reason=reason, component=component, source_topic=topic, partition=partition,
-        offset=offset, key=key, original=bytes(original or b""), ts=int(time.time() * 1000)))
+        reason=reason[:1000], component=component, source_topic=topic, partition=partition,
+        offset=offset, key=key, original=raw[:DEAD_LETTER_MAX_ORIGINAL], ts=int(time.time() * 1000),
+        truncated=cut, original_bytes=len(raw) if cut else None))
 
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:
