@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -97,6 +98,8 @@ class ScorerService:
                        "impressions": Codec(Impression, settings.limits), "samples": Codec(Sample, settings.limits)}
         self.topics = {settings.topics.name(k): k for k in self.codecs}
         self.answered = 0
+        # Request ids already taken (bounded): a repeated request is answered once, not again.
+        self.seen_requests: OrderedDict[str, None] = OrderedDict()
 
     def run(self, max_seconds: float | None = None) -> None:
         s = self.settings
@@ -155,6 +158,12 @@ class ScorerService:
                 self._dead(r, getattr(e, "reason", "topic: unexpected"), producer)
                 continue
             if kind == "score_requests":
+                if ev.request_id in self.seen_requests:  # a duplicate: already answered
+                    metrics.SCORER_RESPONSES.labels("duplicate").inc()
+                    continue
+                self.seen_requests[ev.request_id] = None
+                if len(self.seen_requests) > self.settings.scorer.served_memory:
+                    self.seen_requests.popitem(last=False)
                 requests.append((ev, r))
             elif kind == "impressions":
                 impressions.append((ev, r))
