@@ -36,7 +36,9 @@ COMPONENT = "scorer"
 
 
 class UpdateFollower(threading.Thread):
-    """Reads model-updates from the beginning: the backlog bootstraps, later ones are offered."""
+    """Reads model-updates from the beginning: the backlog bootstraps, later ones are offered.
+    An update that does not decode, or that the swapper refuses (a URI outside the store, a bad
+    checksum or file...), is dead-lettered with its reason."""
 
     def __init__(self, settings: Settings, swapper: Swapper, stop: threading.Event):
         super().__init__(daemon=True, name="scorer-updates")
@@ -44,6 +46,21 @@ class UpdateFollower(threading.Thread):
         self.codec = Codec(ModelUpdate, settings.limits)
         self.bootstrapped = threading.Event()
         self.error: BaseException | None = None
+        self.producer: Any = None
+        self.records: OrderedDict[int, Any] = OrderedDict()  # version -> its (latest) message
+        swapper.on_refused = self._refused
+
+    def _dead(self, r: Any, reason: str) -> None:
+        topic = self.settings.topics.name("model_updates")
+        metrics.DEAD_LETTERS.labels(COMPONENT, topic, metrics.reason_kind(reason)).inc()
+        if self.producer is not None:
+            self.producer.send(self.settings.topics.name("dead_letters"), key=r.key, value=dead_letter(
+                reason, r.value, COMPONENT, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key))
+
+    def _refused(self, update: ModelUpdate, reason: str) -> None:
+        r = self.records.get(update.version)
+        if r is not None:
+            self._dead(r, reason)
 
     def run(self) -> None:
         try:
@@ -60,15 +77,20 @@ class UpdateFollower(threading.Thread):
         consumer.seek_to_beginning(tp)
         end = consumer.end_offsets([tp])[tp]
         backlog: list[ModelUpdate] = []
+        self.producer = make_producer(self.settings)
         while not self.stop.is_set():
             for recs in consumer.poll(timeout_ms=200).values():
                 for r in recs:
                     try:
                         update = self.codec.decode(r.value)
                     except ContractError as e:
-                        metrics.DEAD_LETTERS.labels(COMPONENT, topic, metrics.reason_kind(e.reason)).inc()
                         log.warning("model-updates offset %d: %s", r.offset, e.reason)
+                        self._dead(r, e.reason)
                         continue
+                    self.records[update.version] = r
+                    self.records.move_to_end(update.version)
+                    if len(self.records) > 10_000:
+                        self.records.popitem(last=False)
                     if self.bootstrapped.is_set():
                         self.swapper.offer(update)
                     else:
@@ -79,6 +101,7 @@ class UpdateFollower(threading.Thread):
                 backlog = []
                 self.bootstrapped.set()
         consumer.close()
+        self.producer.flush(10)
 
 
 class ScorerService:

@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dmrstream.contracts import ModelUpdate
 from monitoring import metrics
@@ -24,8 +24,10 @@ class Swapper:
     """Applies model updates in order on its own thread (:meth:`offer`), or synchronously
     (:meth:`apply`). Versions only move forward, except an automatic rollback."""
 
-    def __init__(self, holder: ModelHolder, store: ModelStore, settings: Any, validator: Validator | None = None):
+    def __init__(self, holder: ModelHolder, store: ModelStore, settings: Any, validator: Validator | None = None,
+                 on_refused: Callable[[ModelUpdate, str], None] | None = None):
         self.holder, self.store, self.settings = holder, store, settings
+        self.on_refused = on_refused  # called with the update and "reason: detail" (dead letters)
         self.validator = validator or Validator(settings)
         self.refused: dict[int, str] = {}  # version -> reason (refused or rolled back: never served again)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -87,6 +89,11 @@ class Swapper:
                 metrics.SCORER_REFUSALS.labels(e.reason).inc()
                 log.warning("refused model v%d (%s): %s; v%s keeps serving", update.version, e.reason, e.detail,
                             live.version if live else "none")
+                if self.on_refused is not None:
+                    try:
+                        self.on_refused(update, f"{e.reason}: {e.detail}")
+                    except Exception:  # reporting a refusal never stops the follower
+                        log.exception("refusal of v%d could not be reported", update.version)
                 return False
             finally:
                 self.holder.swapping.clear()

@@ -108,7 +108,7 @@ class ModelStore:
     def resolve(self, uri: str) -> str:
         """The store-relative file name of ``uri``; refuses anything outside the store."""
         name = uri[len(self.root) + 1:] if uri.startswith(self.root + "/") else uri
-        if "/" in name or "\\" in name or not _NAME.match(name):
+        if "/" in name or "\\" in name or not _NAME.fullmatch(name):  # fullmatch: "$" would accept a trailing newline
             raise ModelStoreError(f"uri: {uri!r} is not a version file of this store")
         return name
 
