@@ -343,12 +343,15 @@ def test_scorer_dead_letters_hostile_requests_and_answers_each_good_one_once(bro
     log = tmp_path / "scorer.log"
     proc = _start(_cli(s, SMALL, ["scorer", "--metrics-port", str(port)]), log)
     scores, dead = TopicReader(s, "scores"), TopicReader(s, "dead_letters")
+    # the scorer also reads impressions and samples (serving AUC): hostile ones there too (fewer)
+    side = {t: interleave([], hostile(t, 300, seed=6, big=0, oversize=3), bytes) for t in ("impressions", "samples")}
     try:
         sent = _produce(s, s.topics.name("score_requests"), msgs)
+        side_sent = {t: _produce(s, s.topics.name(t), m) for t, m in side.items()}
         produced_at = time.monotonic()
         want = {q.request_id: q for q in good}
         scores.until(lambda rs: len({Codec(Score).decode(r.value).request_id for r in rs}) >= len(want), 150)
-        n_bad = sum(1 for m, _, _ in sent if m.bad)
+        n_bad = sum(1 for m, _, _ in sent if m.bad) + sum(len(v) for v in side_sent.values())
         dead.until(lambda rs: len(rs) >= n_bad, 60)
         processed_at = time.monotonic()
         assert proc.poll() is None, f"scorer died: {log.read_text()[-3000:]}"
@@ -367,8 +370,27 @@ def test_scorer_dead_letters_hostile_requests_and_answers_each_good_one_once(bro
         assert all(0.0 <= it.score <= 1.0 for it in x.scores)
     kinds = _check_dead_letters(dead.records, sent, s.topics.name("score_requests"), ScoreRequest, s.limits, "scorer")
     assert sum(v for k, v in dl_metric.items() if "score-requests" in k) == sum(kinds.values())
+    for t, sent_t in side_sent.items():
+        side_kinds = _check_dead_letters(dead.records, sent_t, s.topics.name(t), CONTRACTS[t], s.limits, "scorer")
+        assert sum(side_kinds.values()) == 300
     _record({"component": "scorer", "topics": {"score_requests": {
         "bad": sum(1 for m, _, _ in sent if m.bad), "dead_lettered": sum(kinds.values()),
-        "good": len(good), "duplicates": sum(1 for m, _, _ in sent if m.dup)}},
+        "good": len(good), "duplicates": sum(1 for m, _, _ in sent if m.dup)},
+        **{t: {"bad": len(v), "dead_lettered": len(v), "good": 0, "duplicates": 0} for t, v in side_sent.items()}},
         "answered": len(got), "seconds_to_process": round(processed_at - produced_at, 1),
         "seconds_total": round(time.monotonic() - started, 1)})
+
+
+def test_dead_letter_envelope_of_an_oversized_message_fits_a_producer_request():
+    """A 10 MB original (or key) must not make the envelope itself unproducible: its head is kept,
+    with the full length; small originals travel whole."""
+    from dmrstream.contracts import DEAD_LETTER_MAX_ORIGINAL, dead_letter
+
+    big = b"x" * (10 * 1024 * 1024)
+    env = dead_letter("size: too big", big, "trainer", topic="t", partition=1, offset=7, key=b"k" * 100_000)
+    assert len(env) < 1_000_000
+    d = decode_dead_letter(env)
+    assert d.truncated and d.original_bytes == len(big) and d.original == big[:DEAD_LETTER_MAX_ORIGINAL]
+    assert d.key == b"k" * 4096 and (d.source_topic, d.partition, d.offset) == ("t", 1, 7)
+    small = decode_dead_letter(dead_letter("malformed: x", b"{bad", "scorer", key=b"1"))
+    assert small.original == b"{bad" and not small.truncated and small.original_bytes is None
