@@ -63,7 +63,7 @@ SCORER_SECONDS = Histogram("dmrstream_scorer_seconds", "Scorer latency: request 
 SCORER_REQUESTS = Counter("dmrstream_scorer_requests_total", "Requests scored, by source (request|impression).",
                           ["source"])
 SCORER_CANDIDATES = Counter("dmrstream_scorer_candidates_total", "Candidates scored.")
-SCORER_RESPONSES = Counter("dmrstream_scorer_responses_total", "Responses by outcome (ok|failed|dead_letter).",
+SCORER_RESPONSES = Counter("dmrstream_scorer_responses_total", "Responses by outcome (ok|failed|dead_letter|duplicate).",
                            ["outcome"])
 SCORER_SWAPS = Counter("dmrstream_scorer_swaps_total", "Model swaps by kind (full|delta|rollback).", ["kind"])
 SCORER_LOAD_SECONDS = Histogram("dmrstream_scorer_load_seconds", "Load + validation of a version (off the "
