@@ -53,6 +53,14 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         "compression_type": "lz4" if _has_lz4() else "gzip",
         "retries": 2**31 - 1,
         "max_in_flight_requests_per_connection": 1,  # keep per-partition order across retries
+        # No idempotent producer: after a broker restart its producer id is unknown and the epoch
+        # bump (KIP-360) fails on tansu, leaving the producer failing every send for good. Order
+        # holds with one request in flight; a retry may repeat a message, which every consumer
+        # here drops by id (at-least-once plus idempotent state, SPEC section 11).
+        "enable_idempotence": False,
+        # Topics are created by `topics create` / `dmrstream broker` only: a send racing a broker
+        # restart must not auto-create one with the broker's default partition count.
+        "allow_auto_create_topics": False,
         "max_request_size": max(1_048_576, settings.limits.max_message_bytes + 65_536),
     }
     cfg.update(overrides)
@@ -69,6 +77,7 @@ def make_consumer(settings: Settings, group_id: str | None, topics: Iterable[str
         "session_timeout_ms": settings.kafka.session_timeout_ms,
         "heartbeat_interval_ms": settings.kafka.heartbeat_interval_ms,
         "max_poll_records": 2000,
+        "allow_auto_create_topics": False,  # see make_producer
         "fetch_max_bytes": 32 * 1024 * 1024,
         "max_partition_fetch_bytes": max(1_048_576, settings.limits.max_message_bytes + 65_536),
     }
@@ -78,6 +87,17 @@ def make_consumer(settings: Settings, group_id: str | None, topics: Iterable[str
     if topics:
         consumer.subscribe(topics)
     return consumer
+
+
+def topic_id_of(consumer: KafkaConsumer, topic: str) -> str | None:
+    """The topic's id in the consumer's latest metadata (None until known). It changes when the
+    topic is deleted and re-created, e.g. by a memory-storage broker (the local tansu) that
+    restarted empty: positions held from before then point into a different log (tansu answers a
+    fetch past its end with nothing rather than OFFSET_OUT_OF_RANGE, so the reader would silently
+    skip the new log's first records); readers that keep their own positions start it over."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    tid = cluster.topic_id(topic) if hasattr(cluster, "topic_id") else None
+    return str(tid) if tid is not None else None
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:

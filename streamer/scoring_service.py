@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 from dmrstream.contracts import (Candidate, Codec, ContractError, Impression, ModelUpdate, Sample, ScoreRequest,
                                  dead_letter, encode)
-from dmrstream.kafkaio import make_consumer, make_producer
+from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.scoring import ModelHolder, Scorer
@@ -78,8 +79,16 @@ class UpdateFollower(threading.Thread):
         end = consumer.end_offsets([tp])[tp]
         backlog: list[ModelUpdate] = []
         self.producer = make_producer(self.settings)
+        known_id: str | None = None
         while not self.stop.is_set():
-            for recs in consumer.poll(timeout_ms=200).values():
+            polled = consumer.poll(timeout_ms=200)
+            tid = topic_id_of(consumer, topic)
+            if tid is not None and tid != known_id:
+                if known_id is not None:  # re-created (a memory broker restarted empty): start it over
+                    log.warning("%s was re-created: reading it from the beginning", topic)
+                    consumer.seek_to_beginning(tp)
+                known_id = tid
+            for recs in polled.values():
                 for r in recs:
                     try:
                         update = self.codec.decode(r.value)
@@ -123,6 +132,7 @@ class ScorerService:
         self.answered = 0
         # Request ids already taken (bounded): a repeated request is answered once, not again.
         self.seen_requests: OrderedDict[str, None] = OrderedDict()
+        self._outbox: list[tuple[str, Any, bytes, Any]] = []  # sent, not yet confirmed: (topic, key, value, future)
 
     def run(self, max_seconds: float | None = None) -> None:
         s = self.settings
@@ -147,8 +157,8 @@ class ScorerService:
                 polled = consumer.poll(timeout_ms=50, max_records=s.scorer.max_batch * 4)
                 if polled:
                     self._handle([r for recs in polled.values() for r in recs], producer)
-                    producer.flush()
-                    consumer.commit()
+                    if self._confirm(producer):
+                        self._commit(consumer)
                 if time.monotonic() - last_report >= 1.0:
                     last_report = time.monotonic()
                     self.auc.publish_metrics()
@@ -163,9 +173,44 @@ class ScorerService:
             self.swapper.stop()
             self.features.close()
 
+    def _send(self, producer: Any, topic: str, key: Any, value: bytes) -> None:
+        self._outbox.append((topic, key, value, producer.send(topic, key=key, value=value)))
+
+    def _confirm(self, producer: Any) -> bool:
+        """Flush and check every send of the batch; resend the failed ones (a broker away or
+        restarting) with back-off. False when stopped first: offsets are then not committed, so
+        the batch is redelivered."""
+        delay = 0.1
+        while True:
+            producer.flush()
+            failed = []
+            for topic, key, value, fut in self._outbox:
+                try:
+                    fut.get(timeout=0)
+                except KafkaError as e:
+                    failed.append((topic, key, value, e))
+            self._outbox = []
+            if not failed:
+                return True
+            log.warning("%d answers/dead letters not delivered (%s); resending in %.1f s", len(failed),
+                        failed[0][3], delay)
+            if self.stop.wait(delay):
+                return False
+            delay = min(delay * 2, 5.0)
+            for topic, key, value, _ in failed:
+                self._send(producer, topic, key, value)
+
+    def _commit(self, consumer: Any) -> None:
+        """Commit the consumed offsets; a commit refused after a rebalance or a broker restart is
+        not fatal (those records come again: at-least-once, answers keep their request ids)."""
+        try:
+            consumer.commit()
+        except KafkaError as e:
+            log.warning("offset commit failed (%s); the batch may be answered again", e)
+
     def _dead(self, r: Any, reason: str, producer: Any) -> None:
         metrics.DEAD_LETTERS.labels(COMPONENT, r.topic, metrics.reason_kind(reason)).inc()
-        producer.send(self.settings.topics.name("dead_letters"), key=r.key, value=dead_letter(
+        self._send(producer, self.settings.topics.name("dead_letters"), r.key, dead_letter(
             reason, r.value, COMPONENT, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key))
 
     def _handle(self, records: list, producer: Any) -> None:
@@ -217,7 +262,7 @@ class ScorerService:
                     metrics.SCORER_RESPONSES.labels("dead_letter").inc()
                     self._dead(r, f"scoring: {type(res).__name__}", producer)
                     continue
-                producer.send(topic, key=r.key or str(q.user_id).encode(), value=encode(res))
+                self._send(producer, topic, r.key or str(q.user_id).encode(), encode(res))
                 metrics.EVENTS_OUT.labels(COMPONENT, topic).inc()
                 metrics.SCORER_RESPONSES.labels("ok").inc()
                 self.answered += 1

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter, encode
-from dmrstream.kafkaio import make_consumer, make_producer
+from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of
 from dmrstream.settings import Settings
 from monitoring import metrics
 from trainer.checkpoint import LATEST, load_checkpoint, save_checkpoint
@@ -42,6 +43,7 @@ class ReadyBatch:
 
     samples: list[Sample]
     offsets: dict[int, int]  # partition -> next offset after this batch's records
+    topic_id: str | None = None  # the samples topic those offsets belong to
 
 
 class RecentIds:
@@ -80,6 +82,7 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.learned_log = self.dir / "learned_ids.log"
         self.offsets: dict[int, int] = {}
+        self.samples_topic_id: str | None = None  # the samples topic ``offsets`` belong to
         self.samples_seen = 0
         self.trained_until_ts = 0
         self.version = 0  # last published by this run (0: none yet)
@@ -103,6 +106,7 @@ class Trainer:
             self.opts.load_state_dict(opt_state)
             self.metrics.load(arrays)
             self.offsets = {int(p): o for p, o in meta["offsets"].items()}
+            self.samples_topic_id = meta.get("samples_topic_id")
             self.samples_seen = meta["samples_seen"]
             self.trained_until_ts = meta["trained_until_ts"]
             log_len = meta["learned_log_bytes"]
@@ -117,7 +121,8 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self._log.flush()
-        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "samples_seen": self.samples_seen,
+        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "samples_topic_id": self.samples_topic_id,
+                "samples_seen": self.samples_seen,
                 "trained_until_ts": self.trained_until_ts, "learned_log_bytes": self._log.tell()}
         save_checkpoint(self.dir / "checkpoints", self.model, self.opts.state_dict(), meta, self.metrics.state())
         self.last_checkpoint = time.monotonic()
@@ -148,6 +153,9 @@ class Trainer:
             metrics.TRAINER_SAMPLES.inc(len(fresh))
             metrics.TRAINER_LOSS.set(stats.get("loss", float("nan")))
         metrics.TRAINER_REPEATS.inc(len(batch.samples) - len(fresh))
+        if batch.topic_id is not None and batch.topic_id != self.samples_topic_id:
+            self.offsets = {}  # a re-created topic: offsets of the old one mean nothing
+            self.samples_topic_id = batch.topic_id
         self.offsets.update(batch.offsets)
         return stats
 
@@ -217,11 +225,12 @@ class Prefetcher(threading.Thread):
     """Consumes ``samples``, decodes, and hands out mini-batches by size or max wait."""
 
     def __init__(self, settings: Settings, start_offsets: dict[int, int], out: "queue.Queue[ReadyBatch]",
-                 batch_size: int, max_wait_s: float):
+                 batch_size: int, max_wait_s: float, start_topic_id: str | None = None):
         super().__init__(daemon=True, name="trainer-prefetch")
         self.settings, self.out = settings, out
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.start_offsets = start_offsets
+        self.topic_id = start_topic_id  # of the samples topic the start offsets belong to
         self.stop = threading.Event()
         self.codec = Codec(Sample, settings.limits)
         self.topic = settings.topics.name("samples")
@@ -248,6 +257,16 @@ class Prefetcher(threading.Thread):
         first_at = None
         while not self.stop.is_set():
             records = consumer.poll(timeout_ms=100, max_records=self.batch_size)
+            tid = topic_id_of(consumer, self.topic)
+            if tid is not None and tid != self.topic_id:
+                if self.topic_id is not None:
+                    # Re-created (a memory broker restarted empty): our offsets point into
+                    # another log. Read it from the start; repeats are dropped by id.
+                    log.warning("%s was re-created (topic id %s -> %s): reading it from the beginning",
+                                self.topic, self.topic_id, tid)
+                    consumer.seek_to_beginning(*parts)
+                    offsets = {tp.partition: 0 for tp in parts}
+                self.topic_id = tid
             for tp, recs in records.items():
                 for r in recs:
                     offsets[tp.partition] = r.offset + 1
@@ -262,7 +281,7 @@ class Prefetcher(threading.Thread):
                 first_at = time.monotonic()
             if first_at is not None and (len(pending) >= self.batch_size
                                          or time.monotonic() - first_at >= self.max_wait_s):
-                self.out.put(ReadyBatch(pending, offsets))
+                self.out.put(ReadyBatch(pending, offsets, self.topic_id))
                 pending, offsets, first_at = [], {}, None
         producer.close(timeout=5)
         consumer.close()
@@ -275,7 +294,8 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
     producer = make_producer(settings)
     updates_topic = settings.topics.name("model_updates")
     ready: queue.Queue[ReadyBatch] = queue.Queue(maxsize=8)
-    pre = Prefetcher(settings, trainer.offsets, ready, settings.model.batch_size, settings.trainer.max_wait_ms / 1000)
+    pre = Prefetcher(settings, trainer.offsets, ready, settings.model.batch_size, settings.trainer.max_wait_ms / 1000,
+                     trainer.samples_topic_id)
     pre.start()
     stop = stop or threading.Event()
     deadline = time.monotonic() + max_seconds if max_seconds else None
@@ -292,7 +312,7 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
             kind_due = trainer.due()
             if kind_due:
                 update = trainer.publish(kind_due)
-                producer.send(updates_topic, key=b"model", value=encode(update)).get(timeout=30)
+                announce(producer, updates_topic, update, stop)
                 trainer.checkpoint()  # publish and checkpoint together: a restart never re-bases
                 removed = trainer.store.prune(settings.trainer.keep_versions)
                 if removed:
@@ -310,6 +330,22 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
         producer.close(timeout=5)
         trainer.close()
     return trainer
+
+
+def announce(producer, topic: str, update: ModelUpdate, stop: threading.Event) -> bool:
+    """Announce a published version on model-updates. A send failed by a broker that is away or
+    restarting is retried with back-off until it is acknowledged or ``stop`` is set (then False:
+    the version stays in the store, unannounced; the next start publishes a full one)."""
+    delay = 0.2
+    while True:
+        try:
+            producer.send(topic, key=b"model", value=encode(update)).get(timeout=30)
+            return True
+        except KafkaError as e:
+            log.warning("announcing v%d failed (%s); retrying in %.1f s", update.version, e, delay)
+            if stop.wait(delay):
+                return False
+            delay = min(delay * 2, 5.0)
 
 
 def learned_ids(state_dir: Path | str) -> list[str]:
