@@ -98,7 +98,9 @@ def broker(
             settings = settings_of(ctx)
             settings = settings.model_copy(
                 update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": b.bootstrap})})
-            create_topics(settings)
+            # A fresh broker holds nothing yet: a topic with the wrong partition count was
+            # auto-created by a client reconnecting first (a restart on the same port).
+            create_topics(settings, replace_mismatched=True)
         # The address on its own line on stdout, so scripts can read it.
         print(b.bootstrap, flush=True)
         print(f"broker ready at {b.bootstrap} (memory storage); Ctrl-C stops", file=sys.stderr, flush=True)

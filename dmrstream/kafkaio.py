@@ -113,11 +113,15 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     return specs
 
 
-def create_topics(settings: Settings, admin: KafkaAdminClient | None = None) -> dict[str, str]:
-    """Create every topic that does not exist yet; returns ``{topic: "created"|"exists"}``.
+def create_topics(settings: Settings, admin: KafkaAdminClient | None = None,
+                  replace_mismatched: bool = False) -> dict[str, str]:
+    """Create every topic that does not exist yet; returns ``{topic: "created"|"exists"|"replaced"}``.
 
     Raises ``ValueError`` when an existing co-partitioned topic has the wrong partition count:
     joining topics with different counts silently splits users across workers.
+    ``replace_mismatched`` (only for a broker that has just started, whose topics are empty): such a
+    topic was auto-created by a client that reconnected first (tansu ignores the clients' "no
+    auto-creation" flag), so it is deleted and created again with the right count.
     """
     own = admin is None
     if own:
@@ -125,20 +129,30 @@ def create_topics(settings: Settings, admin: KafkaAdminClient | None = None) -> 
     admin = admin or make_admin(settings)
     try:
         specs = topic_specs(settings)
-        existing = describe_partitions(admin, list(specs))
         result: dict[str, str] = {}
-        missing = [NewTopic(name, n, settings.topics.replication_factor)
-                   for name, n in specs.items() if name not in existing]
-        for nt in missing:
-            try:
-                admin.create_topics([nt])
-                result[nt.name] = "created"
-            except TopicAlreadyExistsError:
-                result[nt.name] = "exists"
-        for name, n in existing.items():
-            result[name] = "exists"
-            if n != specs[name]:
+        for attempt in range(20 if replace_mismatched else 1):
+            existing = describe_partitions(admin, list(specs))
+            for name in [n for n in specs if n not in existing]:
+                try:
+                    admin.create_topics([NewTopic(name, specs[name], settings.topics.replication_factor)])
+                    result.setdefault(name, "created")
+                except TopicAlreadyExistsError:
+                    result.setdefault(name, "exists")
+            wrong = {name: n for name, n in describe_partitions(admin, list(specs)).items() if n != specs[name]}
+            for name in existing:
+                result.setdefault(name, "exists")
+            if not wrong:
+                break
+            if not replace_mismatched:
+                name, n = next(iter(wrong.items()))
                 raise ValueError(f"topic {name} has {n} partitions, settings say {specs[name]}")
+            admin.delete_topics(list(wrong))
+            for name in wrong:
+                result[name] = "replaced"
+            time.sleep(0.05 * (attempt + 1))
+        else:
+            name, n = next(iter(wrong.items()))
+            raise ValueError(f"topic {name} keeps being created with {n} partitions, settings say {specs[name]}")
         _wait_for_metadata(admin, list(specs))
         return result
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from kafka import TopicPartition
 
 from dmrstream.contracts import Click, Codec, encode
@@ -82,3 +84,24 @@ def test_round_trip_commit_and_resume(kafka_settings):
     all_ids = {codec.decode(r.value).event_id for r in consumed} | {codec.decode(r.value).event_id for r in rest}
     assert all_ids == {f"e{i}" for i in range(N + 500)}  # nothing lost
     assert len(consumed) + len(rest) == N + 500
+
+
+def test_a_fresh_broker_replaces_topics_a_client_auto_created_with_the_wrong_partition_count(kafka_settings):
+    """After a restart on the same port a reconnecting client can make tansu auto-create a topic
+    (with its default partition count) before `dmrstream broker` creates it."""
+    from kafka.admin import NewTopic
+
+    from dmrstream.kafkaio import describe_partitions, make_admin
+
+    specs = topic_specs(kafka_settings)
+    samples = kafka_settings.topics.name("samples")
+    admin = make_admin(kafka_settings)
+    try:
+        admin.create_topics([NewTopic(samples, specs[samples] + 3, 1)])
+        with pytest.raises(ValueError, match="partitions"):
+            create_topics(kafka_settings, admin)  # a real cluster: never silently re-partition
+        result = create_topics(kafka_settings, admin, replace_mismatched=True)
+        assert result[samples] == "replaced"
+        assert describe_partitions(admin, list(specs)) == specs
+    finally:
+        admin.close()
