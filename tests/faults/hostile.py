@@ -67,16 +67,25 @@ def _request(i: int) -> dict[str, Any]:
             "candidates": [{"item_id": 7, "category_id": 1}, {"item_id": 8, "category_id": 2}]}
 
 
+def _update(i: int) -> dict[str, Any]:
+    return {"schema": 1, "version": 2 + i, "kind": "delta", "base_version": 1 + i,
+            "uri": f"v{2 + i:08d}.delta.safetensors", "sha256": "ab" * 32, "created_at": T0 + i,
+            "trained_until_ts": T0 + i, "samples_seen": 10 * i, "metrics": {"auc_window": 0.7}}
+
+
 TEMPLATES: dict[str, Callable[[int], dict[str, Any]]] = {
-    "impressions": _impression, "clicks": _click, "samples": _sample, "score_requests": _request}
+    "impressions": _impression, "clicks": _click, "samples": _sample, "score_requests": _request,
+    "model_updates": _update}
 ID_FIELDS = {"impressions": ("user_id", "item_id", "category_id", "event_id"),
              "clicks": ("user_id", "item_id", "category_id", "event_id"),
              "samples": ("user_id", "item_id", "category_id", "sample_id"),
-             "score_requests": ("user_id", "request_id")}
+             "score_requests": ("user_id", "request_id"),
+             "model_updates": ("version", "uri")}
 FLOAT_PATHS = {"impressions": (("item_features", "price"), ("context", "score"), ("true_ctr",)),
                "clicks": (("ts",), ("user_id",)),
                "samples": (("counters", "user_clicks"), ("served_score",), ("true_ctr",)),
-               "score_requests": (("context", "x"), ("ts",))}
+               "score_requests": (("context", "x"), ("ts",)),
+               "model_updates": (("metrics", "auc_window"), ("created_at",))}
 
 
 def _dumps(d: Any) -> bytes:
@@ -151,6 +160,8 @@ def _variants(topic: str, i: int, rng: random.Random, big_left: list[int],
     idf = rng.choice(ID_FIELDS[topic])
     if idf in ("event_id", "sample_id", "request_id"):
         val = rng.choice(["", "x" * 600, "y" * 200, 5, None])
+    elif idf == "uri":  # up to 4,096 characters is a valid URI string
+        val = rng.choice(["", "x" * 5000, 5, None])
     else:
         val = rng.choice([-1, -(2 ** 63), 2 ** 63, 2 ** 64, 10 ** 30, "", "z" * 200, "w" * 100_000, 1.0e20])
     out.append(("bad_ids", _dumps({**g, idf: val}), ("invalid", "limit")))
@@ -192,6 +203,11 @@ def _variants(topic: str, i: int, rng: random.Random, big_left: list[int],
                          "hist_behaviors": ["click"] * 1001, "hist_ts": [T0 - 2000 + k for k in range(1001)]},
                         {**g, "counters": {"user_clicks": 1e31}}, {**g, "served_score": -0.1}])
         reasons = ("invalid", "limit")
+    elif topic == "model_updates":
+        c = rng.choice([{**g, "kind": "partial"}, {**g, "sha256": "xyz"}, {**g, "sha256": "AB" * 32},
+                        {**g, "uri": ""}, {**g, "uri": "u" * 5000}, {**g, "version": 0},
+                        {**g, "metrics": {"auc": "high"}}, {**g, "samples_seen": -5}])
+        reasons = ("invalid", "limit")
     else:
         c = rng.choice([{**g, "candidates": []}, {**g, "candidates": [{"item_id": 1}]},
                         {**g, "candidates": [{"item_id": k, "category_id": 1} for k in range(1001)]},
@@ -205,7 +221,8 @@ def _variants(topic: str, i: int, rng: random.Random, big_left: list[int],
 
 
 def hostile(topic: str, n: int = 1000, seed: int = 0, big: int = BIG_COUNT, oversize: int = 10) -> list[Bad]:
-    """``n`` bad messages for ``topic`` (impressions | clicks | samples | score_requests), every
+    """``n`` bad messages for ``topic`` (impressions | clicks | samples | score_requests |
+    model_updates), every
     kind in turn; ``oversize`` of them over the size limit, the first ``big`` of those ~10 MB
     (the rest just over 1 MB: they cost broker memory and transfer, so they are few)."""
     rng = random.Random(f"{seed}/{topic}")

@@ -40,7 +40,7 @@ from kafka.partitioner.default import murmur2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
-from dmrstream.contracts import (Click, Codec, ContractError, Impression, Sample, Score,  # noqa: E402
+from dmrstream.contracts import (Click, Codec, ContractError, Impression, ModelUpdate, Sample, Score,  # noqa: E402
                                  ScoreRequest, decode_dead_letter, encode)
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
@@ -50,7 +50,8 @@ from hostile import (T0, Bad, Msg, good_impressions_and_clicks, good_requests, g
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
 N_BAD = 1000
-CONTRACTS = {"impressions": Impression, "clicks": Click, "samples": Sample, "score_requests": ScoreRequest}
+CONTRACTS = {"impressions": Impression, "clicks": Click, "samples": Sample, "score_requests": ScoreRequest,
+             "model_updates": ModelUpdate}
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -345,6 +346,8 @@ def test_scorer_dead_letters_hostile_requests_and_answers_each_good_one_once(bro
     scores, dead = TopicReader(s, "scores"), TopicReader(s, "dead_letters")
     # the scorer also reads impressions and samples (serving AUC): hostile ones there too (fewer)
     side = {t: interleave([], hostile(t, 300, seed=6, big=0, oversize=3), bytes) for t in ("impressions", "samples")}
+    # ... and its model-updates input gets the full 1,000 (after the good v1 it serves)
+    side["model_updates"] = interleave([], hostile("model_updates", N_BAD, seed=6), bytes)
     try:
         sent = _produce(s, s.topics.name("score_requests"), msgs)
         side_sent = {t: _produce(s, s.topics.name(t), m) for t, m in side.items()}
@@ -372,7 +375,7 @@ def test_scorer_dead_letters_hostile_requests_and_answers_each_good_one_once(bro
     assert sum(v for k, v in dl_metric.items() if "score-requests" in k) == sum(kinds.values())
     for t, sent_t in side_sent.items():
         side_kinds = _check_dead_letters(dead.records, sent_t, s.topics.name(t), CONTRACTS[t], s.limits, "scorer")
-        assert sum(side_kinds.values()) == 300
+        assert sum(side_kinds.values()) == len(sent_t)
     _record({"component": "scorer", "topics": {"score_requests": {
         "bad": sum(1 for m, _, _ in sent if m.bad), "dead_lettered": sum(kinds.values()),
         "good": len(good), "duplicates": sum(1 for m, _, _ in sent if m.dup)},
