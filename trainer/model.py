@@ -463,8 +463,10 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def loss_of(model: nn.Module, b: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_of(model: nn.Module, b: Batch, logit_out: list | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     logit, extras = model(b)
+    if logit_out is not None:
+        logit_out.append(logit.detach())
     ctr = F.binary_cross_entropy_with_logits(logit.float(), b.label.float())
     loss = ctr
     aux = extras.get("aux_loss")
@@ -481,14 +483,22 @@ def output_layer(model: nn.Module) -> nn.Linear:
 
 def train_step(model: nn.Module, opts: Optimizers, b: Batch) -> dict[str, float]:
     """One optimiser step on a batch already on the model's device."""
+    return scored_train_step(model, opts, b)[0]
+
+
+def scored_train_step(model: nn.Module, opts: Optimizers, b: Batch) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimiser step, and the batch's click probabilities from the weights *before* it: the
+    prequential score of :func:`predict` without a second forward pass (training mode differs
+    from evaluation only by the auxiliary loss: no dropout, no batch statistics)."""
     model.train()
     device = next(model.parameters()).device
     opts.zero_grad()
+    logits: list[torch.Tensor] = []
     with _autocast(device):
-        loss, stats = loss_of(model, b)
+        loss, stats = loss_of(model, b, logits)
     loss.backward()
     opts.step()
-    return stats
+    return stats, torch.sigmoid(logits[0].float())
 
 
 @torch.no_grad()

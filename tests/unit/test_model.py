@@ -280,3 +280,19 @@ def test_grouped_rows_score_exactly_like_one_row_each(kind):
         torch.manual_seed(1)  # the auxiliary loss samples negatives
         losses.append(loss_of(model, batch.to_torch())[0])
     assert torch.allclose(*losses)
+
+
+@pytest.mark.parametrize("kind", ["dmr", "din", "lr"])
+def test_scored_train_step_scores_with_the_weights_before_the_step(kind):
+    from trainer.model import scored_train_step
+
+    s = small_settings()
+    b = samples_to_batch(make_samples(33, seed=8), s).to_torch()
+    torch.manual_seed(0)
+    model = build_model(s, kind)
+    opts = build_optimizers(model, s)
+    train_step(model, opts, b)  # not a fresh model
+    before = predict(model, b)
+    _, probs = scored_train_step(model, opts, b)
+    assert torch.allclose(probs, before, atol=1e-6)  # the prequential score, no second forward
+    assert not torch.allclose(predict(model, b), before, atol=1e-6)  # and it did learn
