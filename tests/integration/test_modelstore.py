@@ -93,3 +93,26 @@ def test_bad_files_and_uris_are_refused(trainer, tmp_path):
     path.write_bytes(payload)
     with pytest.raises(ModelStoreError, match="format"):
         store.read_verified(meta.file, hashlib.sha256(payload).hexdigest())
+
+
+def test_a_batch_assembled_ahead_learns_exactly_like_one_assembled_in_learn(tmp_path):
+    """The prefetch thread may build the model input (on CUDA): same learning, repeats dropped."""
+    from trainer.features import samples_to_batch
+
+    states = []
+    for built in (False, True):
+        s = load_settings(overrides={**SMALL, "state_dir": str(tmp_path / f"s{built}"),
+                                     "model_store": str(tmp_path / f"m{built}")})
+        torch.manual_seed(0)
+        t = Trainer(s, "dmr", "cpu")
+        rng = random.Random(4)
+        for k0 in (0, 64, 100):  # the last batch repeats 28 samples already learned
+            rb = batch(rng, k0)
+            if built:
+                rb.batch = samples_to_batch(rb.samples, s)
+            torch.manual_seed(k0)  # the auxiliary loss samples negatives
+            t.learn(rb)
+        assert t.samples_seen == 164
+        states.append({k: v.clone() for k, v in t.model.state_dict().items()})
+        t.close()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
