@@ -19,8 +19,6 @@ can diff touched rows into delta snapshots.
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 

@@ -22,7 +22,7 @@ import base64
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dmrstream.contracts import Candidate, Click, Impression, Sample, ScoreRequest, encode
+from dmrstream.contracts import Candidate, Click, Impression, ScoreRequest, encode
 
 T0 = 1_700_000_000_000
 BIG = 10 * 1024 * 1024  # "~10 MB": the local broker (tansu) accepts it; the contract limit is 1 MB
@@ -258,19 +258,6 @@ def good_impressions_and_clicks(n_impressions: int, seed: int = 11, users: int =
             events.append(Click(event_id=f"c{k}", user_id=user, item_id=item, category_id=item % 9,
                                 ts=ts + rng.randrange(500, 5_000), request_id=f"r{k}"))
     return sorted(events, key=lambda e: e.ts)
-
-
-def good_samples(n: int, seed: int = 3) -> list[Sample]:
-    rng = random.Random(seed)
-    out = []
-    for k in range(n):
-        m = rng.randrange(0, 8)
-        out.append(Sample(sample_id=f"s{k}", event_id=f"s{k}", user_id=k % 97, item_id=rng.randrange(500),
-                          category_id=rng.randrange(20), ts=T0 + k * 1000, label=int(rng.random() < 0.4),
-                          hist_item_ids=[rng.randrange(500) for _ in range(m)], hist_category_ids=[1] * m,
-                          hist_behaviors=["click"] * m, hist_ts=[T0 - 10_000 + j for j in range(m)],
-                          counters={"user_impressions": float(k % 7), "user_clicks": float(k % 3)}))
-    return out
 
 
 def good_requests(n: int, seed: int = 5) -> list[ScoreRequest]:

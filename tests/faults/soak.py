@@ -42,27 +42,27 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # the project, and the tests' plain reference code
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from kafka import TopicPartition  # noqa: E402
-from kafka.partitioner.default import murmur2  # noqa: E402
 
 from dmrstream.contracts import Candidate, Click, Codec, Impression, Sample, Score, ScoreRequest, encode  # noqa: E402
 from dmrstream.kafkaio import make_admin, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import Settings, load_settings  # noqa: E402
+from pipeline_reference import partition_of, reference_sequences, store_mismatches, watermarks  # noqa: E402
 
 LAST_FIGURES = Path(tempfile.gettempdir()) / "dmrstream-soak-last.json"
 KINDS = ("streamer", "trainer", "scorer", "broker")
@@ -133,10 +133,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def partition_of(user_id, partitions: int = PARTITIONS) -> int:
-    """Where the default partitioner puts a user's events (murmur2 of the key, as in Kafka)."""
-    return (murmur2(str(user_id).encode()) & 0x7FFFFFFF) % partitions
 
 
 def scrape(port: int, name: str, labels: tuple[str, ...] = ()) -> Optional[float]:
@@ -680,26 +676,14 @@ class Soak:
         return events
 
     def check(self, exits: dict, stream_s: float, final: dict) -> dict:
-        from featurestore import open_partition_store
         from trainer.service import learned_ids
 
         events = self.read_event_log()
         impressions = [e for e in events if isinstance(e, Impression)]
         P = self.settings.topics.partitions
-        # Reference watermarks per partition, as tests/integration/test_streamer_workers.py: the
-        # merge releases events up to min over the inputs of the highest ts; the join's watermark
-        # is then min over the inputs of the highest released ts; windows closed before it are settled.
-        high: dict[tuple, int] = {}
-        for e in events:
-            key = (partition_of(e.user_id, P), type(e))
-            high[key] = max(high.get(key, 0), e.ts)
-        merge_wm = {p: min(high.get((p, Impression), 0), high.get((p, Click), 0)) for p in range(P)}
-        released: dict[tuple, int] = {}
-        for e in events:
-            p = partition_of(e.user_id, P)
-            if e.ts <= merge_wm[p]:
-                released[(p, type(e))] = max(released.get((p, type(e)), 0), e.ts)
-        join_wm = {p: min(released.get((p, Impression), 0), released.get((p, Click), 0)) for p in range(P)}
+        # Reference watermarks per partition (tests/pipeline_reference.py): windows closed before
+        # the join's watermark are settled.
+        merge_wm, join_wm = watermarks(events, P)
         settled = {e.event_id for e in impressions if e.ts + WINDOW_MS < join_wm[partition_of(e.user_id, P)] - 5_000}
         imp_ids = {e.event_id for e in impressions}
 
@@ -718,26 +702,9 @@ class Soak:
         answer_repeats = sum(n - 1 for n in answers.values())
 
         # Feature store vs the reference sequences (clicks up to the merge watermark).
-        seq_len = self.settings.features.seq_len
-        per_user: dict = {}
-        for e in events:
-            if isinstance(e, Click) and e.ts <= merge_wm[partition_of(e.user_id, P)]:
-                per_user.setdefault(e.user_id, []).append((e.item_id, e.category_id, e.behavior, e.ts))
-        expected = {u: sorted(s, key=lambda b: b[3])[-seq_len:] for u, s in per_user.items()}
-        store_mismatch: list[str] = []
-        seen_users = set()
-        for p in range(P):
-            store = open_partition_store(self.settings, p)
-            try:
-                for user in store.user_ids():
-                    got = [tuple(b) for b in store.get_sequence(user, limit=seq_len)]
-                    if got != expected.get(user, []):
-                        store_mismatch.append(f"user {user} (partition {p}): {len(got)} vs "
-                                              f"{len(expected.get(user, []))} behaviours")
-                    seen_users.add(user)
-            finally:
-                store.close()
-        store_mismatch += [f"user {u}: absent from the store" for u in sorted(set(expected) - seen_users)]
+        expected = reference_sequences([e for e in events if e.ts <= merge_wm[partition_of(e.user_id, P)]],
+                                       self.settings.features.seq_len)
+        store_mismatch = store_mismatches(self.settings, expected)
 
         stuck = list(self.not_recovered)
         if not final["drained"]:
@@ -764,7 +731,7 @@ class Soak:
             "score_requests": len(requests),
             "score_answers": sum(answers.values()),
             "score_answer_repeats": answer_repeats,
-            "users_checked_in_store": len(seen_users),
+            "users_checked_in_store": len(expected),
             "messages_lost": lost,
             "duplicates_after_dedupe": dupes,
             "lost_detail": {"settled_impressions_without_sample": len(missing_samples),

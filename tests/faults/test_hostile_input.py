@@ -35,17 +35,18 @@ from pathlib import Path
 
 import pytest
 from kafka import TopicPartition
-from kafka.partitioner.default import murmur2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmrstream.contracts import (Click, Codec, ContractError, Impression, ModelUpdate, Sample, Score,  # noqa: E402
                                  ScoreRequest, decode_dead_letter, encode)
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
-from hostile import (T0, Bad, Msg, good_impressions_and_clicks, good_requests, good_samples,  # noqa: E402
+from hostile import (Msg, good_impressions_and_clicks, good_requests,  # noqa: E402
                      hostile, interleave)
+from pipeline_reference import partition_of, random_samples, reference_sequences, store_mismatches  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
@@ -199,10 +200,6 @@ def test_every_generated_message_is_refused_by_the_decoder(topic):
 W = 60_000
 
 
-def _partition_of(user_id, partitions: int) -> int:
-    return (murmur2(str(user_id).encode()) & 0x7FFFFFFF) % partitions
-
-
 def test_streamer_dead_letters_hostile_impressions_and_clicks(broker, tmp_path):
     started = time.monotonic()
     parts = 2
@@ -215,7 +212,7 @@ def test_streamer_dead_letters_hostile_impressions_and_clicks(broker, tmp_path):
     end = max(e.ts for e in events) + 10 * W
     users = {}
     for u in range(1000, 2000):
-        users.setdefault(_partition_of(u, parts), u)
+        users.setdefault(partition_of(u, parts), u)
         if len(users) == parts:
             break
     for p, u in users.items():
@@ -258,23 +255,7 @@ def test_streamer_dead_letters_hostile_impressions_and_clicks(broker, tmp_path):
     assert 0.2 < sum(want.values()) / len(want) < 0.6
 
     # the RocksDB feature store: exactly the reference sequences of the good clicks (once each)
-    from featurestore import open_partition_store
-
-    ref: dict = defaultdict(list)
-    for c in sorted(clicks, key=lambda c: c.ts):
-        ref[c.user_id].append((c.item_id, c.category_id, c.behavior, c.ts))
-    ref = {u: seq[-s.features.seq_len:] for u, seq in ref.items()}
-    seen = set()
-    for p in range(parts):
-        store = open_partition_store(s, p)
-        try:
-            for user in store.user_ids():
-                got_seq = [tuple(b) for b in store.get_sequence(user, limit=s.features.seq_len)]
-                assert got_seq == ref.get(user, []), f"user {user} in partition {p}"
-                seen.add(user)
-        finally:
-            store.close()
-    assert seen >= set(ref)
+    assert store_mismatches(s, reference_sequences(clicks, s.features.seq_len)) == []
     _record({"component": "streamer", "topics": {t: {"bad": sum(1 for m, _, _ in sent[t] if m.bad),
                                                     "dead_lettered": sum(kinds[t].values()),
                                                     "good": sum(1 for m, _, _ in sent[t] if m.event and not m.dup),
@@ -297,7 +278,7 @@ def test_trainer_dead_letters_hostile_samples_and_learns_the_good_ones_once(brok
     started = time.monotonic()
     s = _settings(broker, tmp_path, "ht")
     create_topics(s)
-    good = good_samples(400, seed=3)
+    good = random_samples(400, seed=3)
     msgs = interleave(good, hostile("samples", N_BAD, seed=3), lambda x: str(x.user_id).encode(), seed=3)
     sent = _produce(s, s.topics.name("samples"), msgs)
     produced_at = time.monotonic()

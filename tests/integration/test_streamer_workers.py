@@ -14,12 +14,11 @@ import uuid
 
 import pytest
 from kafka import TopicPartition
-from kafka.partitioner.default import murmur2
 
 from dmrstream.contracts import Click, Codec, Impression, Sample, encode
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer
 from dmrstream.settings import load_settings
-from featurestore import open_partition_store
+from pipeline_reference import partition_of, reference_sequences, store_mismatches, watermarks
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +41,6 @@ def event_log(seed: int = 11):
             events.append(Click(event_id=f"c{k}", user_id=user, item_id=item, category_id=item % 9,
                                 ts=ts + rng.randrange(500, 5_000), request_id=f"r{k}"))
     return sorted(events, key=lambda e: e.ts)
-
-
-def partition_of(user_id, partitions: int = 4) -> int:
-    """Where the default partitioner puts a user's events (murmur2 of the key, as in Kafka)."""
-    return (murmur2(str(user_id).encode()) & 0x7FFFFFFF) % partitions
-
-
-def reference_sequences(events, seq_len: int) -> dict[int, list[tuple]]:
-    per_user: dict[int, list[tuple]] = {}
-    for e in events:
-        if isinstance(e, Click):
-            per_user.setdefault(e.user_id, []).append((e.item_id, e.category_id, e.behavior, e.ts))
-    return {u: sorted(seq, key=lambda b: b[3])[-seq_len:] for u, seq in per_user.items()}
 
 
 def _settings(broker, tmp_path, name):
@@ -168,21 +154,10 @@ def test_two_workers_with_a_sigkill_equal_one_worker(broker, tmp_path):
     # must have emitted exactly those, with the same labels. The last window of the stream stays
     # pending (or not, if one input went idle first) in a live stream, so it is only required to
     # agree where both runs emitted it.
-    # Per partition, events are released in time order up to the merge watermark (min over the
-    # inputs of the highest ts); the join's watermark is then the min over the inputs of the
-    # highest *released* ts.
-    high: dict[tuple, int] = {}
-    for e in events:
-        key = (partition_of(e.user_id), type(e))
-        high[key] = max(high.get(key, 0), e.ts)
-    merge_wm = {p: min(high[(p, Impression)], high[(p, Click)]) for p in range(4)}
-    released: dict[tuple, int] = {}
-    for e in events:
-        p = partition_of(e.user_id)
-        if e.ts <= merge_wm[p]:
-            released[(p, type(e))] = max(released.get((p, type(e)), 0), e.ts)
-    join_wm = {p: min(released[(p, Impression)], released[(p, Click)]) for p in range(4)}
-    settled = {e.event_id for e in impressions if e.ts + W < join_wm[partition_of(e.user_id)] - 5_000}
+    # Per partition, events are released in time order up to the merge watermark; the join's
+    # watermark is then the min over the inputs of the highest *released* ts.
+    merge_wm, join_wm = watermarks(events, 4)
+    settled = {e.event_id for e in impressions if e.ts + W < join_wm[partition_of(e.user_id, 4)] - 5_000}
     assert settled <= set(reader.labels) and settled <= set(ref.labels)  # none missing
     assert set(reader.labels) <= {e.event_id for e in impressions}  # nothing invented
     common = set(reader.labels) & set(ref.labels)
@@ -191,16 +166,6 @@ def test_two_workers_with_a_sigkill_equal_one_worker(broker, tmp_path):
     assert sum(ref.labels.values()) > 0.2 * len(ref.labels)
 
     # The store holds what the merge released (events past the merge watermark still wait in it).
-    expected = reference_sequences([e for e in events if e.ts <= merge_wm[partition_of(e.user_id)]],
+    expected = reference_sequences([e for e in events if e.ts <= merge_wm[partition_of(e.user_id, 4)]],
                                    multi.features.seq_len)
-    seen_users = set()
-    for p in range(4):
-        store = open_partition_store(multi, p)
-        try:
-            for user in store.user_ids():
-                got = [tuple(b) for b in store.get_sequence(user, limit=multi.features.seq_len)]
-                assert got == expected.get(user, []), f"user {user} in partition {p}"
-                seen_users.add(user)
-        finally:
-            store.close()
-    assert seen_users >= set(expected)
+    assert store_mismatches(multi, expected) == []

@@ -14,10 +14,11 @@ import uuid
 import pytest
 import torch
 
-from dmrstream.contracts import ModelUpdate, Sample, encode, Codec
+from dmrstream.contracts import ModelUpdate, encode, Codec
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer
 from dmrstream.settings import load_settings
 from trainer.modelstore import ModelStore
+from pipeline_reference import random_samples
 from trainer.service import learned_ids
 
 pytestmark = pytest.mark.slow
@@ -28,19 +29,6 @@ SMALL = {"model.item_vocab_size": 4096, "model.user_vocab_size": 4096, "model.ca
          "model.aux_negatives": 32, "model.batch_size": 32, "trainer.delta_every_s": 0.5,
          "trainer.full_every_s": 4.0, "trainer.checkpoint_every_s": 0.5, "trainer.max_wait_ms": 50,
          "trainer.keep_versions": 10_000, "metrics.trainer_port": 0}
-
-
-def samples(seed=3):
-    rng = random.Random(seed)
-    out = []
-    for k in range(N):
-        n = rng.randrange(0, 8)
-        out.append(Sample(sample_id=f"s{k}", event_id=f"s{k}", user_id=k % 97, item_id=rng.randrange(500),
-                          category_id=rng.randrange(20), ts=T0 + k * 1000, label=int(rng.random() < 0.4),
-                          hist_item_ids=[rng.randrange(500) for _ in range(n)], hist_category_ids=[1] * n,
-                          hist_behaviors=["click"] * n, hist_ts=[T0 - 10_000 + i for i in range(n)],
-                          counters={"user_impressions": float(k % 7), "user_clicks": float(k % 3)}))
-    return out
 
 
 def _cmd(s):
@@ -56,7 +44,7 @@ def test_trainer_killed_five_times_learns_every_sample_once(broker, tmp_path):
     s = load_settings(overrides={"kafka.bootstrap_servers": broker.bootstrap, "topics.prefix": f"tr{uuid.uuid4().hex[:6]}.",
                                  "state_dir": str(tmp_path / "state"), "model_store": str(tmp_path / "models"), **SMALL})
     create_topics(s)
-    stream = samples()
+    stream = random_samples(N)
     p = make_producer(s)
     for i, smp in enumerate(stream):
         p.send(s.topics.name("samples"), key=str(smp.user_id).encode(), value=encode(smp))

@@ -10,7 +10,7 @@ from dmrstream.contracts import Sample
 from dmrstream.settings import load_settings
 from trainer.evaluate import auc
 from trainer.features import samples_to_batch
-from trainer.model import (DMR, ModelConfig, PReLULast, build_model, build_optimizers, loss_of,
+from trainer.model import (ModelConfig, PReLULast, build_model, build_optimizers, loss_of,
                            masked_softmax, output_layer, predict, train_step)
 
 

@@ -1,14 +1,11 @@
-"""Known defect, pinned: faust reads the impressions and clicks topics at independent speeds, and
-the processor freezes an impression's counters when the impression *arrives*. When the
-impressions topic runs ahead, earlier clicks are not counted yet. Measured on MovieLens
-(impressions 3,000 events ahead): user_clicks wrong in 73 % of samples, 6.5 % of labels flipped,
-and the full-data pipeline's prequential AUC 0.7267 vs 0.7531 offline. The fix is to process the
-two inputs in merged event-time order (buffer up to the watermark, persisted with the join state).
-This test fails today (strict xfail); when it passes, remove the marker."""
+"""faust reads the impressions and clicks topics at independent speeds. Before the event-time
+merge (streamer/reorder.py), an impression's counters were frozen when it *arrived*, so with the
+impressions topic ahead earlier clicks went uncounted (MovieLens, impressions 3,000 events ahead:
+user_clicks wrong in 73 % of samples, 6.5 % of labels flipped; full-data pipeline AUC 0.7267 vs
+0.7531 offline). Here every impression is read before any click: the samples must still carry the
+counters and sequence of event-time order."""
 
 from __future__ import annotations
-
-import pytest
 
 from dmrstream.contracts import Click, Codec, Impression, Sample, encode
 from dmrstream.settings import load_settings
