@@ -36,28 +36,49 @@ from streamer.app import create_app  # noqa: E402
 T0 = 1_700_000_000_000
 
 
-def produce(settings, n_impressions: int) -> int:
-    """A stream of impressions (5,000 users, 20,000 items) with 30 % clicked 1-20 s later."""
+def make_stream(settings, n_impressions: int) -> list:
+    """(topic, key, value) of a stream of impressions (5,000 users, 20,000 items), 30 % clicked
+    1-20 s later."""
     rng = random.Random(1)
-    p = make_producer(settings)
     imp_t, clk_t = settings.topics.name("impressions"), settings.topics.name("clicks")
-    sent = 0
+    out = []
     for k in range(n_impressions):
         user = rng.randrange(5_000)
         item = int(rng.paretovariate(1.2)) % 20_000
         ts = T0 + k * 20
         key = str(user).encode()
-        p.send(imp_t, key=key, value=encode(Impression(event_id=f"i{k}", user_id=user, item_id=item,
-                                                       category_id=item % 50, ts=ts, request_id=f"r{k}")))
-        sent += 1
+        out.append((imp_t, key, encode(Impression(event_id=f"i{k}", user_id=user, item_id=item,
+                                                  category_id=item % 50, ts=ts, request_id=f"r{k}"))))
         if rng.random() < 0.3:
-            p.send(clk_t, key=key, value=encode(Click(event_id=f"c{k}", user_id=user, item_id=item,
-                                                      category_id=item % 50, ts=ts + rng.randrange(1_000, 20_000),
-                                                      request_id=f"r{k}")))
-            sent += 1
+            out.append((clk_t, key, encode(Click(event_id=f"c{k}", user_id=user, item_id=item,
+                                                 category_id=item % 50, ts=ts + rng.randrange(1_000, 20_000),
+                                                 request_id=f"r{k}"))))
+    return out
+
+
+def produce(settings, stream: list) -> int:
+    p = make_producer(settings)
+    for topic, key, value in stream:
+        p.send(topic, key=key, value=value)
     p.flush()
     p.close()
-    return sent
+    return len(stream)
+
+
+def processor_alone(settings, stream: list) -> float:
+    """Events/s of the same processing (decode, merge, join, RocksDB store, samples) on one
+    partition with no Kafka: the ceiling the worker's Kafka and faust machinery leaves room for."""
+    from featurestore import open_partition_store
+    from streamer.processor import PartitionProcessor, Record
+
+    proc = PartitionProcessor(0, open_partition_store(settings, 0), settings)
+    records = [Record(topic, 0, i, key, value) for i, (topic, key, value) in enumerate(stream)]
+    t = time.perf_counter()
+    for i in range(0, len(records), 2000):
+        proc.commit(proc.process(records[i:i + 2000]))
+    took = time.perf_counter() - t
+    proc.store.close()
+    return len(records) / took
 
 
 def raw_consume(settings, total: int) -> float:
@@ -116,11 +137,13 @@ def main() -> None:
                                      "join.attribution_window_ms": 60_000,
                                      "metrics.streamer_port": 0})
         create_topics(s)
+        stream = make_stream(s, n)
         t = time.perf_counter()
-        total = produce(s, n)
+        total = produce(s, stream)
         produce_s = time.perf_counter() - t
         raw = raw_consume(s, total)
         w = run_worker(s, total)
+        alone = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
     eps = w["events"] / w["seconds"]
     table = Table(title=f"streamer: one faust worker, {total:,} events, 4 partitions, local broker")
     table.add_column("figure")
@@ -129,6 +152,8 @@ def main() -> None:
         ("events/s through join + store + samples", f"{eps:,.0f}"),
         ("raw kafka-python consume events/s (baseline)", f"{raw:,.0f}"),
         ("worker / raw consume", f"{eps / raw:.2f}"),
+        ("same processing alone, no Kafka (events/s, 1 partition)", f"{alone:,.0f}"),
+        ("worker / processing alone", f"{eps / alone:.2f}"),
         ("samples produced", f"{w['samples']:,}"),
         ("processing latency p50 (ms)", f"{w['p50_ms']:.1f}"),
         ("processing latency p99 (ms)", f"{w['p99_ms']:.1f}"),
@@ -139,7 +164,8 @@ def main() -> None:
         table.add_row(*r)
     console.print(table)
     print(json.dumps({"streamer_events_per_s": round(eps), "raw_consume_events_per_s": round(raw),
-                      "streamer_vs_raw_ratio": round(eps / raw, 3), "samples": w["samples"],
+                      "streamer_vs_raw_ratio": round(eps / raw, 3),
+                      "processor_alone_events_per_s": round(alone), "streamer_vs_alone_ratio": round(eps / alone, 3), "samples": w["samples"],
                       "latency_p50_ms": round(w["p50_ms"], 2), "latency_p99_ms": round(w["p99_ms"], 2)}))
 
 

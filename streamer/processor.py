@@ -190,17 +190,16 @@ class PartitionProcessor:
         outcomes: list[Outcome] = []
         topics = (self.impressions_topic, self.clicks_topic)
         silent = {t for t in topics if now - self.last_seen[t] > idle_after_s}
+        idle_now = [t for t in silent if any(o not in silent for o in topics if o != t)]  # another flows
         released: list = []
-        for topic in silent:
-            flowing = [t for t in topics if t not in silent and t != topic]
-            if flowing and topic not in self.merger.idle:
+        for topic in idle_now:
+            if topic not in self.merger.idle:
                 self.merger.set_idle(topic, True)
                 released += self.merger.pop_ready()
         if released:
             self._handle(released, result)
-        for topic in silent:
-            flowing = [t for t in topics if t not in silent and t != topic]
-            if topic in self.join.high and topic not in self.join.idle and flowing:
+        for topic in idle_now:
+            if topic in self.join.high and topic not in self.join.idle:
                 outcomes += self.join.set_idle(topic, True)
         self._emit(outcomes, result)
         result.state_changes.update(self._drain_changes())

@@ -34,7 +34,9 @@ class EventTimeMerger(Generic[T]):
         self.idle: set[str] = set()
         self._heap: list[bytes] = []  # keys sort by (ts, input order, event id)
         self._items: dict[bytes, tuple[str, bytes, T | None]] = {}  # key -> (input, raw, decoded)
-        self._changes: dict[bytes, bytes | None] = {}
+        self._changes: dict[bytes, bytes | None] = {}  # deletes and watermarks
+        self._added: set[bytes] = set()  # pushed since the last drain, still waiting
+        self._high_moved: set[str] = set()
         self.released_to: int | None = None
 
     def __len__(self) -> int:
@@ -56,14 +58,14 @@ class EventTimeMerger(Generic[T]):
         """Buffer one event (a repeat of a buffered event is ignored)."""
         if ts > self.high.get(source, ts - 1):
             self.high[source] = ts
-            self._changes[_HIGH + source.encode()] = ts.to_bytes(8, "big", signed=True)
+            self._high_moved.add(source)  # written at the next drain, not per event
         self.idle.discard(source)
         key = (ts + _TS_OFFSET).to_bytes(8, "big") + bytes([self._order[source]]) + event_id.encode()
         if key in self._items:
             return
         self._items[key] = (source, raw, decoded)
         heapq.heappush(self._heap, key)
-        self._changes[_EVENT + key] = bytes([self._order[source]]) + raw
+        self._added.add(key)  # its value is built only if it still waits at the next drain
 
     def pop_ready(self) -> list[tuple[str, bytes, T | None]]:
         """Every buffered event at or below the watermark (or the highest watermark reached so far:
@@ -79,8 +81,8 @@ class EventTimeMerger(Generic[T]):
         while self._heap and self._heap[0][:8] <= limit:
             key = heapq.heappop(self._heap)
             out.append(self._items.pop(key))
-            if self._changes.get(_EVENT + key) is not None:
-                del self._changes[_EVENT + key]  # pushed and released between two drains: never written
+            if key in self._added:
+                self._added.discard(key)  # pushed and released between two drains: never written
             else:
                 self._changes[_EVENT + key] = None
         return out
@@ -89,6 +91,13 @@ class EventTimeMerger(Generic[T]):
     def drain_changes(self) -> dict[bytes, bytes | None]:
         """Keys changed since the last call: bytes to put, or None to delete."""
         changes, self._changes = self._changes, {}
+        for key in self._added:
+            source, raw, _ = self._items[key]
+            changes[_EVENT + key] = bytes([self._order[source]]) + raw
+        self._added = set()
+        for source in self._high_moved:
+            changes[_HIGH + source.encode()] = self.high[source].to_bytes(8, "big", signed=True)
+        self._high_moved = set()
         return changes
 
     def restore(self, items: Iterable[tuple[bytes, bytes]], decode: Any = None) -> None:
@@ -104,3 +113,5 @@ class EventTimeMerger(Generic[T]):
                 self._items[k] = (source, raw, decode(source, raw) if decode else None)
                 heapq.heappush(self._heap, k)
         self._changes.clear()
+        self._added.clear()
+        self._high_moved.clear()

@@ -112,26 +112,22 @@ def group_first_rows(group: torch.Tensor) -> torch.Tensor:
     return starts.nonzero().squeeze(1)
 
 
-def linear_of_concat(linear: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
-    """``linear(cat(parts, -1))`` without materialising the broadcast concatenation: parts may
-    have different leading shapes (e.g. target (B,1,E) next to positions (B,T,P))."""
-    out, start = None, 0
+def linear_of_concat(linear: nn.Linear, parts: list[torch.Tensor], group_parts: list[torch.Tensor] = (),
+                     group: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(cat(parts + group_parts, -1))`` without materialising the broadcast concatenation:
+    parts may have different leading shapes (e.g. target (B,1,E) next to positions (B,T,P)).
+    ``group_parts`` are given once per group (G, ...) and projected once, then indexed by ``group``
+    (B,): what the rows of a group share costs one projection, not one per row."""
+    out, start = linear.bias, 0
     for p in parts:
-        w = linear.weight[:, start:start + p.shape[-1]]
+        out = out + F.linear(p, linear.weight[:, start:start + p.shape[-1]])
         start += p.shape[-1]
-        y = F.linear(p, w)
-        out = y if out is None else out + y
+    if group_parts:
+        shared = torch.cat(list(group_parts), -1)
+        out = out + F.linear(shared, linear.weight[:, start:start + shared.shape[-1]])[group]
+        start += shared.shape[-1]
     assert start == linear.in_features
-    return out + linear.bias
-
-
-class _columns:
-    """A view of ``linear``'s input columns [start, stop) with no bias (for linear_of_concat)."""
-
-    def __init__(self, linear: nn.Linear, start: int, stop: int):
-        self.weight = linear.weight[:, start:stop]
-        self.in_features = stop - start
-        self.bias = 0.0
+    return out
 
 
 class AttentionScorer(nn.Module):
@@ -155,16 +151,10 @@ class AttentionScorer(nn.Module):
         (G, T, .), the projections of what a group shares are computed once per group."""
         k = self.key_dim
         w = self.first.weight
-        if group is None:
-            q = self.align_act(linear_of_concat(self.align, query_parts))  # (B|1, T|1, K)
-            key_proj = F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k])
-        else:
-            n = sum(p.shape[-1] for p in query_parts)
-            own = linear_of_concat(_columns(self.align, 0, n), query_parts) if query_parts else 0.0
-            shared = F.linear(torch.cat(list(group_parts), -1), self.align.weight[:, n:])[group] if group_parts else 0.0
-            q = self.align_act(own + shared + self.align.bias)
-            key_proj = F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k])[group]
-            keys = keys[group]
+        q = self.align_act(linear_of_concat(self.align, query_parts, group_parts, group))  # (B|1, T|1, K)
+        key_proj = F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k])
+        if group is not None:  # keys were given once per group
+            key_proj, keys = key_proj[group], keys[group]
         # W [q, k, q-k, q*k] = (Wq + Wd) q + (Wk - Wd) k + Wp (q*k): same function, fewer FLOPs
         h = (F.linear(q, w[:, :k] + w[:, 2 * k:3 * k]) + key_proj
              + F.linear(q * keys, w[:, 3 * k:]) + self.first.bias)
