@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from typing import Any, Iterable
 
@@ -193,38 +194,106 @@ class BrokerUnavailable(ConnectionError):
     """No bootstrap server answered in time."""
 
 
-def _tcp_reachable(bootstrap: str) -> bool:
+STILL_WAITING_LOG_S = 30.0  # a role waiting for its broker says so again this often
+
+
+def _tcp_error(bootstrap: str) -> str | None:
+    """None when a bootstrap server accepts a TCP connection, else the last reason why not."""
+    why = "no bootstrap server"
     for hostport in bootstrap.split(","):
         host, _, port = hostport.strip().rpartition(":")
         try:
             socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=1.0).close()
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
+            return None
+        except (OSError, ValueError) as e:
+            why = f"{hostport.strip()}: {getattr(e, 'strerror', None) or e}"
+    return why
 
 
-def wait_for_broker(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Block until the cluster answers a metadata request, with back-off; else raise
-    :class:`BrokerUnavailable`. A TCP probe first, so a dead address fails fast."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    last: Exception | None = None
+def _probe(settings: Settings) -> str | None:
+    """None when the cluster answers a metadata request, else why not. A TCP probe first, so a
+    dead address fails fast."""
+    why = _tcp_error(settings.kafka.bootstrap_servers)
+    if why is not None:
+        return why
+    # Built in two steps because a KafkaAdminClient whose bootstrap fails raises from __init__
+    # with its IO thread already running: retried for hours, that would leak a thread per try.
+    admin = KafkaAdminClient.__new__(KafkaAdminClient)
+    try:
+        admin.__init__(**client_config(settings.kafka) | {"bootstrap_timeout_ms": 10_000})
+        admin.list_topics()
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure (SSL, SASL, config) is reported, then retried
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if getattr(admin, "_closed", True) is False:
+            admin.close()
+        else:  # half-built: stop what its constructor started
+            for part, method in (("_client", "close"), ("_net", "stop")):
+                try:
+                    getattr(getattr(admin, part, None), method, lambda: None)()
+                except Exception:  # noqa: BLE001 - best effort on a client that never worked
+                    pass
+
+
+def wait_for_broker(settings: Settings, timeout_s: float | None = 30.0, stop: threading.Event | None = None,
+                    waiter: str | None = None, max_backoff_s: float = 1.0) -> bool:
+    """Block until the cluster answers a metadata request, retrying with back-off (doubling from
+    50 ms up to ``max_backoff_s``). Returns True once it answers, False as soon as ``stop`` is set:
+    each probe runs on a daemon thread and ``stop`` is checked every 0.1 s, so a signal handler
+    that sets it ends the wait at once even while a probe hangs on an address that drops packets.
+    Raises :class:`BrokerUnavailable` after ``timeout_s`` (None: never).
+
+    ``waiter`` (the waiting role's name) turns on the log lines an operator needs: a warning
+    naming the address when the first probe fails, again every ``STILL_WAITING_LOG_S``, and a line
+    when the broker answers."""
+    bootstrap = settings.kafka.bootstrap_servers
+    started = time.monotonic()
+    deadline = None if timeout_s is None else started + timeout_s
+    delay, next_log, waited, why = 0.05, started, False, "no answer yet"
+    pause = stop.wait if stop is not None else time.sleep
     while True:
-        if _tcp_reachable(settings.kafka.bootstrap_servers):
-            try:
-                admin = make_admin(settings)
-                admin.list_topics()
-                admin.close()
-                return
-            except (KafkaError, OSError) as e:
-                last = e
-        if time.monotonic() > deadline:
-            raise BrokerUnavailable(
-                f"no Kafka broker answers at {settings.kafka.bootstrap_servers} after {timeout_s:.0f}s"
-                + (f" ({last})" if last else ""))
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
+        if stop is not None and stop.is_set():
+            if waiter:
+                log.info("%s: stopped while waiting for the Kafka broker at %s", waiter, bootstrap)
+            return False
+        result: list[str | None] = []
+        probe = threading.Thread(target=lambda: result.append(_probe(settings)), daemon=True, name="kafka-probe")
+        probe.start()
+        while probe.is_alive() and not (stop is not None and stop.is_set()) \
+                and (deadline is None or time.monotonic() < deadline):
+            probe.join(0.1)
+        if stop is not None and stop.is_set():
+            continue
+        if result and result[0] is None:
+            if waiter and waited:
+                log.info("%s: Kafka broker at %s answers after %.1f s", waiter, bootstrap, time.monotonic() - started)
+            return True
+        why = result[0] if result else why  # a probe still running past the deadline: the last reason
+        if deadline is not None and time.monotonic() >= deadline:
+            raise BrokerUnavailable(f"no Kafka broker answers at {bootstrap} after {timeout_s:g} s ({why})")
+        if waiter and time.monotonic() >= next_log:
+            state = f"still waiting after {time.monotonic() - started:.0f} s" if waited else "waiting"
+            log.warning("%s: %s for the Kafka broker at %s (%s); retrying with back-off up to %.0f s%s", waiter,
+                        state, bootstrap, why, max_backoff_s, "" if waited else "; SIGTERM/Ctrl-C stops")
+            next_log = time.monotonic() + STILL_WAITING_LOG_S
+        waited = True
+        pause(delay)
+        delay = min(delay * 2, max_backoff_s)
+
+
+def wait_for_broker_at_start(settings: Settings, stop: threading.Event, role: str) -> bool:
+    """What a long-running role does before it builds its first Kafka client: wait for the broker
+    for as long as it takes, saying so (a warning with the address at once, again every 30 s;
+    back-off up to 5 s). True when the broker answers; False when ``stop`` (set by the role's
+    SIGTERM/SIGINT handler) came first, and the role then exits cleanly with code 0.
+
+    No time limit, on purpose: service managers (systemd, Kubernetes, Compose) start roles and
+    brokers in any order and restart a role that exits. A role that gave up would be restarted
+    into the same wait, or into a crash loop whose growing restart delays slow the recovery once
+    the broker is back; waiting in place ends the moment the broker answers, and the periodic
+    warnings make a wrong address as visible as a crash would."""
+    return wait_for_broker(settings, timeout_s=None, stop=stop, waiter=role, max_backoff_s=5.0)
 
 
 def _has_lz4() -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import faust
 from kafka.errors import KafkaError
 
-from dmrstream.kafkaio import make_producer
+from dmrstream.kafkaio import make_producer, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.processor import BatchResult, PartitionProcessor, Record
@@ -179,8 +181,20 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
-    """Run one faust worker until SIGTERM/SIGINT."""
+    """Run one faust worker until SIGTERM/SIGINT. A broker that is not up yet is waited for first
+    (see :func:`~dmrstream.kafkaio.wait_for_broker_at_start`); a signal during that wait returns."""
     metrics.serve_metrics(settings.metrics.streamer_port, settings.metrics.bind)
+    # Before the faust Worker exists, so our own handlers: faust installs its own once it starts
+    # (and the producer in create_app is the first Kafka client).
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        ready = wait_for_broker_at_start(settings, stop, "streamer")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not ready or stop.is_set():
+        return
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:

@@ -23,7 +23,7 @@ from kafka.errors import KafkaError
 
 from dmrstream.contracts import (Candidate, Codec, ContractError, Impression, ModelUpdate, Sample, ScoreRequest,
                                  dead_letter, encode)
-from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of
+from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.scoring import ModelHolder, Scorer
@@ -72,6 +72,10 @@ class UpdateFollower(threading.Thread):
 
     def _run(self) -> None:
         topic = self.settings.topics.name("model_updates")
+        # ScorerService.run has waited already; this covers a follower started on its own, or a
+        # broker gone again in between (a quick probe when it answers).
+        if not wait_for_broker_at_start(self.settings, self.stop, "scorer model-updates follower"):
+            return
         consumer = make_consumer(self.settings, None, [])
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
@@ -135,7 +139,14 @@ class ScorerService:
         self._outbox: list[tuple[str, Any, bytes, Any]] = []  # sent, not yet confirmed: (topic, key, value, future)
 
     def run(self, max_seconds: float | None = None) -> None:
+        """Serve until ``stop`` is set (or ``max_seconds`` pass, counted from the broker's answer).
+        A broker that is not up yet is waited for first, before any Kafka client is built
+        (:func:`~dmrstream.kafkaio.wait_for_broker_at_start`); a stop during that wait returns."""
         s = self.settings
+        if not wait_for_broker_at_start(s, self.stop, "scorer"):
+            self.swapper.stop()
+            self.features.close()
+            return
         follower = UpdateFollower(s, self.swapper, self.stop)
         follower.start()
         deadline = time.monotonic() + max_seconds if max_seconds else None

@@ -25,7 +25,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter, encode
-from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of
+from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from trainer.checkpoint import LATEST, load_checkpoint, save_checkpoint
@@ -309,15 +309,21 @@ class Prefetcher(threading.Thread):
 
 def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_seconds: float | None = None,
         stop: threading.Event | None = None) -> Trainer:
-    """Train from the samples topic until ``stop`` is set (or ``max_seconds`` pass)."""
+    """Train from the samples topic until ``stop`` is set (or ``max_seconds`` pass). The model is
+    built (and a checkpoint restored) first, so a bad setting fails at once; then a broker that is
+    not up yet is waited for (:func:`~dmrstream.kafkaio.wait_for_broker_at_start`), and a stop
+    during that wait returns the trainer untouched. ``max_seconds`` counts from the broker's answer."""
+    stop = stop or threading.Event()
     trainer = Trainer(settings, kind, device)
+    if not wait_for_broker_at_start(settings, stop, "trainer"):
+        trainer.close()
+        return trainer
     producer = make_producer(settings)
     updates_topic = settings.topics.name("model_updates")
     ready: queue.Queue[ReadyBatch] = queue.Queue(maxsize=8)
     pre = Prefetcher(settings, trainer.offsets, ready, settings.model.batch_size, settings.trainer.max_wait_ms / 1000,
                      trainer.samples_topic_id, build=trainer.device.type == "cuda")
     pre.start()
-    stop = stop or threading.Event()
     deadline = time.monotonic() + max_seconds if max_seconds else None
     started, learned_at_start = time.perf_counter(), trainer.samples_seen
     try:
