@@ -31,6 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dmrstream.allocator import tune_allocator  # noqa: E402
 from dmrstream.broker import LocalBroker  # noqa: E402
 from dmrstream.contracts import Candidate, Click, Codec, Sample, Score, ScoreRequest, encode  # noqa: E402
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
@@ -267,6 +268,7 @@ def freshness(settings, res, seconds=75.0):
 
 
 def main():
+    tune_allocator()  # as every dmrstream process does (dmrstream/allocator.py)
     res: dict[str, float] = {}
     started = time.perf_counter()
     torch.set_num_threads(1)

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from dmrstream.allocator import tune_allocator  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
 from trainer.features import columns_to_batch  # noqa: E402
 from trainer.model import ModelConfig, build_model, build_optimizers, train_step  # noqa: E402
@@ -65,6 +66,7 @@ def measure(model, opts, batches, device, budget_s: float) -> float:
 
 
 def main() -> None:
+    tune_allocator()  # as every dmrstream process does (dmrstream/allocator.py)
     console = Console()
     settings = load_settings(overrides={"model.batch_size": BATCH, "features.seq_len": T,
                                         "model.embedding_dim": DIM})

@@ -27,6 +27,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from dmrstream.allocator import tune_allocator  # noqa: E402
 from dmrstream.broker import LocalBroker  # noqa: E402
 from dmrstream.contracts import Sample, encode  # noqa: E402
 from dmrstream.kafkaio import create_topics, make_producer  # noqa: E402
@@ -54,6 +55,7 @@ def to_samples(cols: dict, offset: int) -> list[Sample]:
 
 
 def main() -> None:
+    tune_allocator()  # as every dmrstream process does (dmrstream/allocator.py)
     console = Console()
     rng = np.random.default_rng(0)
     cols = [make_columns(rng, BATCH) for _ in range(4)]

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dmrstream import __version__
+from dmrstream.allocator import tune_allocator
 from dmrstream.settings import Settings, load_settings
 
 app = typer.Typer(help="dmrstream: streaming online learning of the DMR CTR model.",
@@ -54,6 +55,7 @@ def main(
         settings = load_settings(config, overrides)
     except Exception as e:  # a bad file/flag is a usage error, not a traceback
         raise typer.BadParameter(str(e)) from None
+    tune_allocator()  # large torch temporaries reuse heap memory instead of fresh pages each pass
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python narrates every connection at INFO; keep its warnings only unless debugging.

@@ -17,6 +17,10 @@ def scorer(
 ) -> None:
     """Answer score-requests on scores with the freshest good model; hot-swap versions from
     model-updates; score impressions for the serving AUC per model version."""
+    # Handlers first: a SIGTERM while torch is still importing must still end in a clean stop.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     from dmrstream.cli import console, settings_of
     from monitoring.metrics import serve_metrics
     from streamer.scoring_service import run
@@ -25,9 +29,6 @@ def scorer(
     if threads:
         settings = settings.model_copy(update={"scorer": settings.scorer.model_copy(update={"threads": threads})})
     serve_metrics(settings.metrics.scorer_port if metrics_port is None else metrics_port, settings.metrics.bind)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     service = run(settings, stop, max_seconds)
     live = service.holder.get()
     console.print(f"scorer stopped: {service.answered:,} requests answered, serving "

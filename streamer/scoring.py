@@ -14,8 +14,9 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,28 @@ class ModelHolder:
 
     def get(self) -> Loaded | None:
         return self._live
+
+    @contextmanager
+    def reading(self) -> Iterator[Loaded | None]:
+        """The live version, counted as read until the block ends (see :meth:`wait_unread`)."""
+        with self._lock:
+            live = self._live
+            if live is not None:
+                live.readers += 1
+        try:
+            yield live
+        finally:
+            if live is not None:
+                with self._lock:
+                    live.readers -= 1
+                    if not live.readers:
+                        self.changed.notify_all()
+
+    def wait_unread(self, loaded: Loaded, timeout: float) -> bool:
+        """Wait until ``loaded`` is neither live nor read by any pass (its tensors may then be
+        written); False on timeout."""
+        with self._lock:
+            return self.changed.wait_for(lambda: loaded is not self._live and not loaded.readers, timeout)
 
     def swap(self, new: Loaded) -> Loaded | None:
         """Make ``new`` live; returns the version it replaced (kept as ``previous``)."""
@@ -156,15 +179,14 @@ class Scorer:
         """``Score`` per request, all from the ONE version live when this pass began.
 
         ``received``: perf_counter times the requests arrived (latency_ms counts from there)."""
-        live = self.holder.get()  # captured once: the whole pass uses this version
-        if live is None:
-            raise NoModel("no model version is live yet")
         started = time.perf_counter()
         parts = partitions if partitions is not None else [None] * len(requests)
         feats = self.features.lookup(requests, parts)
-        batch = requests_batch(requests, feats, self.settings)
-        with torch.inference_mode():
-            probs = torch.sigmoid(live.model(batch.to_torch())[0].float()).numpy().astype(np.float64)
+        batch = requests_batch(requests, feats, self.settings).to_torch()
+        with self.holder.reading() as live, torch.inference_mode():  # captured once for the whole pass
+            if live is None:
+                raise NoModel("no model version is live yet")
+            probs = torch.sigmoid(live.model(batch)[0].float()).numpy().astype(np.float64)
         np.clip(probs, 0.0, 1.0, out=probs)
         done = time.perf_counter()
         stage = "during_swap" if self.holder.swapping.is_set() else "batch"

@@ -4,8 +4,10 @@ Every check happens before a version can serve: the URI must name a version file
 the bytes must match the announced sha256 and parse as safetensors (never pickle), the tensor
 names, shapes and dtypes must be exactly those of the model the settings describe, every value
 must be finite, and a forward pass on a fixed probe batch must give finite probabilities. A delta
-whose base is the live version is applied to a copy of the live state (unchanged tensors are
-shared, read-only, never written); any other delta is loaded through the store's chain.
+whose base is the live version is written into the spare replica (the previous version,
+brought level with the live one: ``streamer/scoring_spare.py``) or, without one, applied to a copy
+of the live state; any other delta is loaded through the store's chain. The live version's tensors
+are never written.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dmrstream.contracts import ModelUpdate
 from monitoring import metrics
 from trainer.features import Batch, columns_to_batch
 from trainer.model import build_model
-from trainer.modelstore import ModelStore, ModelStoreError, apply_delta
+from trainer.modelstore import ROWS, VALUES, ModelStore, ModelStoreError, apply_delta, check_delta, write_delta
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Loaded:
     state: dict[str, torch.Tensor]
     update: ModelUpdate | None = None
     loaded_at: float = field(default_factory=time.monotonic)
+    delta: dict[str, torch.Tensor] | None = None  # the delta that made it from its base, if any
+    readers: int = 0  # forward passes using it now (ModelHolder.reading)
 
     @property
     def trained_until_ts(self) -> int:
@@ -120,20 +124,29 @@ def probe_batch(settings: Any, n: int = 8) -> Batch:
 
 
 def load_candidate(update: ModelUpdate, store: ModelStore, validator: Validator,
-                   live: Loaded | None = None) -> Loaded:
+                   live: Loaded | None = None, spare: Loaded | None = None) -> Loaded:
     """Load ``update`` and validate it; raises :class:`Refused` (never serves a bad version).
 
-    Runs on a background thread: it reads files and builds a new model while the live one
-    keeps answering; nothing here touches the live model's tensors."""
+    Runs on a background thread: it reads files and builds (or writes ``spare``, a replica level
+    with ``live`` that no pass reads) while the live one keeps answering; nothing here touches
+    the live model's tensors. A refused delta may have been written into ``spare``: drop it."""
     started = time.perf_counter()
+    model, delta = None, None
     try:
         name = store.resolve(update.uri)  # refuses anything outside the store
         if not name.startswith(f"v{update.version:08d}.{update.kind}."):
             raise Refused("uri", f"{update.uri!r} is not the file of v{update.version} ({update.kind})")
         if update.kind == "delta" and live is not None and live.version == update.base_version:
             delta = store.read_verified(name, update.sha256)
-            state = apply_delta(live.state, delta)  # new tensors for what changed; the rest shared
-            changed = delta  # the rest of every table is the live version's, already validated
+            check_delta(live.state, delta)
+            if spare is not None:  # every check before the first write into the spare
+                dense = {k: t for k, t in delta.items() if not k.endswith((ROWS, VALUES))}
+                validator.check(live.state | dense, delta)
+                write_delta(spare.state, delta)
+                model, state, changed = spare.model, spare.state, None
+            else:
+                state = apply_delta(live.state, delta)  # new tables for what changed
+                changed = delta  # the rest of every table is the live version's, already validated
         elif update.kind == "full":
             state, changed = store.read_verified(name, update.sha256), None
         else:  # a delta on another base: its whole chain, each file checked against its metadata
@@ -143,8 +156,9 @@ def load_candidate(update: ModelUpdate, store: ModelStore, validator: Validator,
             state, changed = store.load(update.version), None
     except ModelStoreError as e:
         raise Refused(metrics.reason_kind(str(e)), str(e)) from None
-    validator.check(state, changed)
-    model = validator.materialise(state)
+    if model is None:
+        validator.check(state, changed)
+        model = validator.materialise(state)
     validator.probe_pass(model)
     metrics.SCORER_LOAD_SECONDS.labels(update.kind).observe(time.perf_counter() - started)
-    return Loaded(update.version, model, state, update)
+    return Loaded(update.version, model, state, update, delta=delta)

@@ -15,6 +15,7 @@ from monitoring import metrics
 from streamer.scoring import ModelHolder
 from streamer.scoring_auc import ServingAUC
 from streamer.scoring_load import Loaded, Refused, Validator, load_candidate
+from streamer.scoring_spare import SpareReplica
 from trainer.modelstore import ModelStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Swapper:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # one load at a time (the thread, or a direct apply)
         self._thread: threading.Thread | None = None
+        self.spare = SpareReplica()  # the replaced version, reused for the next delta in place
         self.applied = 0
 
     # -- following updates ------------------------------------------------------------------
@@ -82,9 +84,12 @@ class Swapper:
             if update.version in self.refused:
                 return False
             self.holder.swapping.set()
+            spare = None
+            if update.kind == "delta" and live is not None and update.base_version == live.version:
+                spare = self.spare.take(live, self.holder)
             try:
-                new = load_candidate(update, self.store, self.validator, live)
-            except Refused as e:
+                new = load_candidate(update, self.store, self.validator, live, spare)
+            except Refused as e:  # a spare it was written into is dropped with it
                 self.refused[update.version] = e.reason
                 metrics.SCORER_REFUSALS.labels(e.reason).inc()
                 log.warning("refused model v%d (%s): %s; v%s keeps serving", update.version, e.reason, e.detail,
@@ -97,7 +102,7 @@ class Swapper:
                 return False
             finally:
                 self.holder.swapping.clear()
-            self.holder.swap(new)
+            self.spare.keep(self.holder.swap(new), new, new.delta)
             self.applied += 1
             metrics.SCORER_SWAPS.labels(update.kind).inc()
             set_freshness(new)
@@ -126,6 +131,7 @@ class Swapper:
                 return False
             (a, n), (b, m) = auc.auc(live.version), auc.auc(prev.version)
             self.refused[live.version] = "rolled_back"
+            self.spare.drop()  # it may be ``prev``; the next version loads whole
             self.holder.swap(prev)
             metrics.SCORER_ROLLBACKS.inc()
             metrics.SCORER_SWAPS.labels("rollback").inc()

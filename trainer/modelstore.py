@@ -175,24 +175,48 @@ def split_delta(state: dict[str, torch.Tensor], touched: dict[str, torch.Tensor]
     return out
 
 
-def apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new state: ``base`` with the delta's rows and dense tensors written over it."""
-    out = dict(base)
+def check_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`ModelStoreError` unless every part of ``delta`` fits ``base``: row indices
+    inside their table with one value row each, dense tensors of the base's shapes."""
     for key, t in delta.items():
         if key.endswith(VALUES):
-            continue
-        if key.endswith(ROWS):
+            if key[: -len(VALUES)] + ROWS not in delta:
+                raise ModelStoreError(f"shape: {key} has no rows")
+        elif key.endswith(ROWS):
             name = key[: -len(ROWS)]
-            values = delta[name + VALUES]
-            if name not in base or base[name].shape[1:] != values.shape[1:]:
+            values = delta.get(name + VALUES)
+            if values is None or name not in base or base[name].shape[1:] != values.shape[1:] \
+                    or t.dim() != 1 or len(values) != len(t):
                 raise ModelStoreError(f"shape: delta rows of {name} do not fit its base")
+            if t.dtype not in (torch.int64, torch.int32) or values.dtype != base[name].dtype:
+                raise ModelStoreError(f"dtype: delta rows of {name} are {t.dtype}, values {values.dtype}")
             if len(t) and (int(t.min()) < 0 or int(t.max()) >= base[name].shape[0]):
                 raise ModelStoreError(f"shape: delta rows of {name} outside the table")
+        elif key in base and base[key].shape != t.shape:
+            raise ModelStoreError(f"shape: {key} {tuple(t.shape)} != base {tuple(base[key].shape)}")
+
+
+def write_delta(state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> None:
+    """Write a (checked) delta INTO ``state``'s own tensors: touched rows and dense weights."""
+    for key, t in delta.items():
+        if key.endswith(ROWS):
+            name = key[: -len(ROWS)]
+            state[name][t.long()] = delta[name + VALUES]
+        elif not key.endswith(VALUES):
+            state[key].copy_(t)
+
+
+def apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state: ``base`` with the delta's rows and dense tensors written over it (tables
+    copied first; dense tensors are the delta's own; ``base`` is never written)."""
+    check_delta(base, delta)
+    out = dict(base)
+    for key, t in delta.items():
+        if key.endswith(ROWS):
+            name = key[: -len(ROWS)]
             table = base[name].clone()
-            table[t] = values
+            table[t.long()] = delta[name + VALUES]
             out[name] = table
-        else:
-            if key in base and base[key].shape != t.shape:
-                raise ModelStoreError(f"shape: {key} {tuple(t.shape)} != base {tuple(base[key].shape)}")
+        elif not key.endswith(VALUES):
             out[key] = t
     return out

@@ -254,9 +254,11 @@ def test_position_bias_is_learned_apart_and_absent_when_scoring_without_a_positi
     assert torch.allclose(predict(off, b), without)
 
 
-@pytest.mark.parametrize("kind", ["dmr", "din", "lr"])
-def test_grouped_rows_score_exactly_like_one_row_each(kind):
-    """A scorer's candidates share their user's side: computing it once per group changes nothing."""
+@pytest.mark.parametrize("kind,segment_min_rows", [("dmr", 0), ("dmr", 10**9), ("din", 0), ("lr", 0)])
+def test_grouped_rows_score_exactly_like_one_row_each(kind, segment_min_rows, monkeypatch):
+    """A scorer's candidates share their user's side: computing it once per group changes nothing,
+    whether the groups go one by one (segment_min_rows 0) or rows gather their group's side."""
+    monkeypatch.setattr("trainer.model.SEGMENT_MIN_ROWS", segment_min_rows)
     s = small_settings()
     rng = np.random.default_rng(4)
     samples, group = [], []

@@ -212,3 +212,43 @@ def test_store_features_read_only_beside_the_owner_and_refresh(tmp_path):
         feats.close()
     finally:
         owner.close()
+
+
+def test_deltas_are_written_into_the_spare_replica_bit_for_bit(served):
+    """After the first delta, each delta is written in place into the replaced version's tensors
+    (two replicas take turns, no table is copied); any mix of full and delta versions serves the
+    store's own weights bit for bit."""
+    s, pub, holder, swapper, scorer, v1 = served
+    table = next(k for k in holder.get().state if k.endswith("item_emb.weight"))
+    buffers = {holder.get().state[table].data_ptr()}
+    for kind in ["delta", "delta", "delta", "full", "delta", "delta", "delta"]:
+        up = pub.next(kind)
+        assert swapper.apply(up)
+        live = holder.get()
+        chain = pub.store.load(up.version)
+        assert all(torch.equal(chain[k], t) for k, t in live.state.items()), up.version
+        buffers.add(live.state[table].data_ptr())
+    # v1, the copy made for the first delta, the full v5: no other table was ever allocated
+    assert len(buffers) == 3
+
+
+def test_a_spare_still_read_is_not_written(served):
+    """A pass that began before a swap may still read the replaced version: the next delta waits
+    for it before writing into that replica."""
+    import threading
+
+    s, pub, holder, swapper, scorer, v1 = served
+    with holder.reading() as reading:  # a pass on v1 that outlives the next swap
+        assert reading.version == 1
+        assert swapper.apply(pub.next("delta"))  # v2 in a copy; v1 becomes the spare
+        before = {k: t.clone() for k, t in reading.state.items()}
+        done = threading.Event()
+        th = threading.Thread(target=lambda: (swapper.apply(pub.next("delta")), done.set()))
+        th.start()
+        assert not done.wait(0.5)  # v3 waits for this pass ...
+        assert all(torch.equal(before[k], t) for k, t in reading.state.items())  # ... v1 intact
+    th.join(10)
+    assert done.is_set() and holder.get().version == 3
+    assert holder.get().state[next(iter(before))].data_ptr() == reading.state[next(iter(before))].data_ptr()
+    chain = pub.store.load(3)
+    assert all(torch.equal(chain[k], t) for k, t in holder.get().state.items())

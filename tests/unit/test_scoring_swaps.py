@@ -1,10 +1,16 @@
 """100 hot swaps (full and delta) under a steady request load: no failed, dropped or duplicated
-response, and every response's version was live while its request was being answered."""
+response, every response's version was live while its request was being answered, and its
+scores are that version's (deltas are written in place into a spare replica: a write into a
+replica still being read would show here)."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import msgspec
+import pytest
+import torch
 
 from streamer.scoring import MicroBatcher, ModelHolder, NoFeatures, Scorer
 from streamer.scoring_swap import Swapper
@@ -24,6 +30,7 @@ def test_100_swaps_under_load_lose_nothing(tmp_path):
     swapper.start()
     batcher = MicroBatcher(Scorer(holder, NoFeatures(), s), max_batch=16, max_wait_ms=1.0)
 
+    probe = request(0, n=30)
     results: list[tuple[str, float, float, object]] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -33,7 +40,8 @@ def test_100_swaps_under_load_lose_nothing(tmp_path):
         while not stop.is_set():
             rid = c * 1_000_000 + i
             t0 = time.monotonic()
-            fut = batcher.submit(request(rid, n=1 + rid % 40))
+            req = request(rid, n=1 + rid % 40) if i % 5 else msgspec.structs.replace(probe, request_id=f"r{rid}")
+            fut = batcher.submit(req)
             try:
                 res = fut.result(timeout=30)
             except Exception as e:  # counted as a failure below
@@ -69,3 +77,19 @@ def test_100_swaps_under_load_lose_nothing(tmp_path):
         assert holder.live_during(score.model_version, t0, t1), (rid, score.model_version)
         served_versions.add(score.model_version)
     assert len(served_versions) > 10  # the load really overlapped the swaps
+
+    # The probe requests' scores are exactly those of the version that answered them, loaded alone
+    # from the store; and the final live weights are the store's chain, bit for bit.
+    by_version: dict[int, list[list[float]]] = {}
+    for rid, _, _, score in results:
+        if int(rid[1:]) % 1_000_000 % 5 == 0:
+            by_version.setdefault(score.model_version, []).append([x.score for x in score.scores])
+    assert len(by_version) > 10
+    for version, answers in by_version.items():
+        alone = ModelHolder()
+        assert Swapper(alone, pub.store, s).apply(updates[version - 1])
+        want = [x.score for x in Scorer(alone, NoFeatures(), s).score([probe])[0].scores]
+        for got in answers:
+            assert got == pytest.approx(want, abs=1e-6), version
+    final = pub.store.load(updates[-1].version)
+    assert all(torch.equal(final[k], t) for k, t in holder.get().state.items())
