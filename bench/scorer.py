@@ -137,9 +137,9 @@ def in_process(settings, versions, res):
         res[f"inproc_{n}_p50_ms"], res[f"inproc_{n}_p99_ms"] = pct(lat, 50), pct(lat, 99)
     res["cands_per_s_per_core_200x8"] = throughput(scorer, 200, 8)
     res["cands_per_s_per_core_1x256"] = throughput(scorer, 1, 256, 4.0)
-    # swaps: deltas back to back (and one full) on the loader thread while 200-candidate requests run
+    # swaps: 20 deltas back to back, then one full, on the loader thread while 200-candidate requests run
     base = latencies(scorer, 200, 150)
-    ups = [versions.next("delta") for _ in range(5)] + [versions.next("full")]
+    ups = [versions.next("delta") for _ in range(20)] + [versions.next("full")]
     stop = threading.Event()
     swap_times = []
     loading = ["delta"]

@@ -21,8 +21,9 @@ from typing import Iterable
 
 import fsspec
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from trainer.tensorfile import TensorFileError, read_file, tensors_of
 
 _NAME = re.compile(r"^v(\d{8})\.(full|delta)\.safetensors$")
 ROWS, VALUES = "::rows", "::values"
@@ -47,7 +48,8 @@ class VersionMeta:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def sha256_of(data: bytes) -> str:
+def sha256_of(data) -> str:
+    """Hex sha256 of bytes or any buffer (hashlib releases the GIL on large ones)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -119,13 +121,16 @@ class ModelStore:
             raise ModelStoreError(f"missing: {name}")
         if self.fs.size(p) > MAX_FILE_BYTES:
             raise ModelStoreError(f"size: {name} is larger than {MAX_FILE_BYTES} bytes")
-        data = self.fs.cat_file(p)
-        if sha256_of(data) != sha256:
-            raise ModelStoreError(f"sha256: {name} does not match its checksum")
+        # Read into the buffer the tensors will live in: file reads, hashing and the tensor
+        # views all run without holding the GIL for long (trainer/tensorfile.py says why).
         try:
-            return st_load(data)
-        except Exception as e:  # safetensors raises its own errors on truncated/foreign bytes
-            raise ModelStoreError(f"format: {name} is not a valid safetensors file ({type(e).__name__})") from None
+            with self.fs.open(p, "rb") as fh:
+                data = read_file(fh, self.fs.size(p))
+            if sha256_of(data.numpy()) != sha256:
+                raise ModelStoreError(f"sha256: {name} does not match its checksum")
+            return tensors_of(data)
+        except TensorFileError as e:
+            raise ModelStoreError(f"format: {name} is not a valid safetensors file ({e})") from None
 
     def load(self, version: int) -> dict[str, torch.Tensor]:
         """Full weights of ``version``: its nearest full snapshot with the deltas after it applied."""
