@@ -36,7 +36,7 @@ from train_step import BATCH, DIM, T, make_columns, measure  # noqa: E402
 from trainer.features import columns_to_batch  # noqa: E402
 from trainer.service import Prefetcher, Trainer  # noqa: E402
 
-BATCHES = int(os.environ.get("BENCH_BATCHES", "24"))
+BATCHES = int(os.environ.get("BENCH_BATCHES", "40"))
 
 
 def to_samples(cols: dict, offset: int) -> list[Sample]:

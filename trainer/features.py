@@ -162,21 +162,30 @@ def counter_features(counters: np.ndarray, present: np.ndarray, smoothing: float
     return dense.astype(np.float32)
 
 
-def _pad_left(flat: np.ndarray, lengths: np.ndarray, T: int) -> np.ndarray:
-    """Ragged rows (concatenated, oldest first) -> (B, T), the last T of each row right-aligned."""
-    B = len(lengths)
-    out = np.zeros((B, T), dtype=flat.dtype)
-    if flat.size == 0:
+class _Codes(dict):
+    """Behaviour name -> code; unknown names count as clicks (no insertion, unlike defaultdict)."""
+
+    def __missing__(self, key: Any) -> int:
+        return 1
+
+
+_BEHAVIOR_CODE = _Codes(BEHAVIOR_CODES)
+
+
+class _LeftPad:
+    """Places ragged rows (concatenated, oldest first, each at most T long) right-aligned in
+    (B, T) arrays. The scatter index is computed once and shared by every column of a batch."""
+
+    def __init__(self, lengths: np.ndarray, T: int):
+        B, total = len(lengths), int(lengths.sum())
+        self.shape = (B, T)
+        offs = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        self.index = (np.repeat(np.arange(B), lengths), np.repeat(T - lengths, lengths) + offs)
+
+    def __call__(self, flat: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=flat.dtype)
+        out[self.index] = flat
         return out
-    ends = np.cumsum(lengths)
-    keep = np.minimum(lengths, T)
-    # for each row, take flat[ends-keep : ends] and place at columns T-keep .. T-1
-    row = np.repeat(np.arange(B), keep)
-    offs = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
-    src = np.repeat(ends - keep, keep) + offs
-    col = np.repeat(T - keep, keep) + offs
-    out[row, col] = flat[src]
-    return out
 
 
 def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
@@ -199,18 +208,17 @@ def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
             out.extend(r[-T:] if n > T else r)
         return out
     keep = np.minimum(lengths, T)
+    pad = _LeftPad(keep, T)
     f_items, f_cats = flat("hist_item_ids"), flat("hist_category_ids")
     f_beh, f_ts = flat("hist_behaviors"), flat("hist_ts")
-    hist_item = _pad_left(hash_ids(f_items, m.item_vocab_size, "item") if f_items else np.zeros(0, np.int64), keep, T)
-    hist_cat = _pad_left(hash_ids(f_cats, m.category_vocab_size, "category") if f_cats else np.zeros(0, np.int64),
-                         keep, T)
-    beh_codes = np.fromiter((BEHAVIOR_CODES.get(b, 1) for b in f_beh), dtype=np.int64, count=len(f_beh))
-    hist_beh = _pad_left(beh_codes, keep, T)
-    mask = _pad_left(np.ones(int(keep.sum()), dtype=np.float32), keep, T)
+    hist_item = pad(hash_ids(f_items, m.item_vocab_size, "item") if f_items else np.zeros(0, np.int64))
+    hist_cat = pad(hash_ids(f_cats, m.category_vocab_size, "category") if f_cats else np.zeros(0, np.int64))
+    hist_beh = pad(np.fromiter(map(_BEHAVIOR_CODE.__getitem__, f_beh), dtype=np.int64, count=len(f_beh)))
+    mask = pad(np.ones(len(f_beh), dtype=np.float32))
     # position = distance from the newest behaviour (0 = newest); padding 0 (masked anyway)
     pos = np.where(mask > 0, (T - 1) - np.arange(T)[None, :], 0).astype(np.int64)
     ts = np.asarray(cols["ts"], dtype=np.int64)
-    hist_ts = _pad_left(np.asarray(f_ts, dtype=np.int64), keep, T)
+    hist_ts = pad(np.asarray(f_ts, dtype=np.int64))
     gap = np.where(mask > 0, time_gap_bucket(ts[:, None] - hist_ts, m.time_gap_buckets), 0)
 
     counters = cols.get("counters")
