@@ -10,7 +10,7 @@ from dmrstream.contracts import Sample
 from dmrstream.settings import load_settings
 from trainer.evaluate import auc
 from trainer.features import samples_to_batch
-from trainer.model import (ModelConfig, PReLULast, build_model, build_optimizers, loss_of,
+from trainer.model import (DMR, ModelConfig, PReLULast, build_model, build_optimizers, loss_of,
                            masked_softmax, output_layer, predict, train_step)
 
 
@@ -298,3 +298,36 @@ def test_scored_train_step_scores_with_the_weights_before_the_step(kind):
     _, probs = scored_train_step(model, opts, b)
     assert torch.allclose(probs, before, atol=1e-6)  # the prequential score, no second forward
     assert not torch.allclose(predict(model, b), before, atol=1e-6)  # and it did learn
+
+
+@pytest.mark.parametrize("ablate", [[], ["position"]])
+def test_u2i_with_one_behaviour_type_equals_the_generic_attention(ablate):
+    """When every behaviour is a click the U2I query is one per position and a cheaper form is
+    used: same scores at real positions, same loss, same gradients."""
+    s = small_settings()
+    samples = make_samples(40, seed=3)
+    assert {x for smp in samples for x in smp.hist_behaviors} == {"click"}
+    b = samples_to_batch(samples, s).to_torch()
+    torch.manual_seed(0)
+    model = build_model(s, "dmr", ablate)
+    hist = model.inputs(b)["hist"]
+    fast, generic = model.u2i_scores(b, hist), model.u2i_scorer(model._context(b), hist)
+    real = b.mask > 0
+    assert real.sum() > 100 and torch.allclose(fast[real], generic[real], atol=1e-5)
+    grads = []
+    for use_fast in (True, False):
+        model.zero_grad()
+        if not use_fast:
+            model._single_behavior = lambda batch: None  # force the generic attention
+        torch.manual_seed(1)  # the auxiliary loss samples negatives
+        loss, _ = loss_of(model, b)
+        loss.backward()
+        grads.append({n: p.grad.to_dense().clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+    mixed = make_samples(8, seed=4)
+    mixed[0] = Sample(**{**{f: getattr(mixed[0], f) for f in mixed[0].__struct_fields__},
+                         "hist_behaviors": ["buy"] + list(mixed[0].hist_behaviors[1:])})
+    assert len(mixed[0].hist_behaviors) > 1
+    assert DMR._single_behavior(samples_to_batch(mixed, s).to_torch()) is None  # mixed types: generic form
