@@ -330,5 +330,12 @@ def dead_letter(reason: str, original: bytes | None, component: str, *, topic: s
         truncated=cut, original_bytes=len(raw) if cut else None))
 
 
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The Kafka key of a dead-letter record: the original's, cut to :data:`DEAD_LETTER_MAX_KEY`
+    bytes (a key over the producer's request limit would make the dead-letter send itself fail,
+    and the message could then never leave its topic)."""
+    return None if key is None else bytes(key[:DEAD_LETTER_MAX_KEY])
+
+
 def decode_dead_letter(raw: bytes) -> DeadLetter:
     return msgspec.json.decode(raw, type=DeadLetter)

@@ -22,7 +22,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from dmrstream.contracts import (Candidate, Codec, ContractError, Impression, ModelUpdate, Sample, ScoreRequest,
-                                 dead_letter, encode)
+                                 dead_letter, dead_letter_key, encode)
 from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
@@ -55,7 +55,7 @@ class UpdateFollower(threading.Thread):
         topic = self.settings.topics.name("model_updates")
         metrics.DEAD_LETTERS.labels(COMPONENT, topic, metrics.reason_kind(reason)).inc()
         if self.producer is not None:
-            self.producer.send(self.settings.topics.name("dead_letters"), key=r.key, value=dead_letter(
+            self.producer.send(self.settings.topics.name("dead_letters"), key=dead_letter_key(r.key), value=dead_letter(
                 reason, r.value, COMPONENT, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key))
 
     def _refused(self, update: ModelUpdate, reason: str) -> None:
@@ -221,7 +221,7 @@ class ScorerService:
 
     def _dead(self, r: Any, reason: str, producer: Any) -> None:
         metrics.DEAD_LETTERS.labels(COMPONENT, r.topic, metrics.reason_kind(reason)).inc()
-        self._send(producer, self.settings.topics.name("dead_letters"), r.key, dead_letter(
+        self._send(producer, self.settings.topics.name("dead_letters"), dead_letter_key(r.key), dead_letter(
             reason, r.value, COMPONENT, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key))
 
     def _handle(self, records: list, producer: Any) -> None:

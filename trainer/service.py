@@ -24,7 +24,7 @@ import torch
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter, encode
+from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter, dead_letter_key, encode
 from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
@@ -293,7 +293,7 @@ class Prefetcher(threading.Thread):
                         pending.append(self.codec.decode(r.value))
                     except ContractError as e:
                         metrics.DEAD_LETTERS.labels("trainer", self.topic, metrics.reason_kind(e.reason)).inc()
-                        producer.send(self.settings.topics.name("dead_letters"), key=r.key, value=dead_letter(
+                        producer.send(self.settings.topics.name("dead_letters"), key=dead_letter_key(r.key), value=dead_letter(
                             e.reason, r.value, "trainer", topic=self.topic, partition=tp.partition, offset=r.offset,
                             key=r.key))
             if (pending or offsets) and first_at is None:

@@ -26,6 +26,7 @@ from dmrstream.contracts import Candidate, Click, Impression, ScoreRequest, enco
 
 T0 = 1_700_000_000_000
 BIG = 10 * 1024 * 1024  # "~10 MB": the local broker (tansu) accepts it; the contract limit is 1 MB
+HUGE_KEY = 2 * 1024 * 1024  # a Kafka key over the producers' default 1 MB request limit
 BIG_COUNT = 2  # per topic (they cost broker memory and transfer time; the just-over ones are many)
 
 KINDS = ("malformed_json", "wrong_types", "oversize", "deep_nesting", "nan_inf", "bad_ids", "invalid_utf8",
@@ -220,11 +221,13 @@ def _variants(topic: str, i: int, rng: random.Random, big_left: list[int],
     return out
 
 
-def hostile(topic: str, n: int = 1000, seed: int = 0, big: int = BIG_COUNT, oversize: int = 10) -> list[Bad]:
+def hostile(topic: str, n: int = 1000, seed: int = 0, big: int = BIG_COUNT, oversize: int = 10,
+            huge_keys: int = 2) -> list[Bad]:
     """``n`` bad messages for ``topic`` (impressions | clicks | samples | score_requests |
     model_updates), every
     kind in turn; ``oversize`` of them over the size limit, the first ``big`` of those ~10 MB
-    (the rest just over 1 MB: they cost broker memory and transfer, so they are few)."""
+    (the rest just over 1 MB: they cost broker memory and transfer, so they are few). The first
+    ``huge_keys`` carry a 2 MB Kafka key (over a producer's default request limit)."""
     rng = random.Random(f"{seed}/{topic}")
     big_left, over_left = [big], oversize
     out: list[Bad] = []
@@ -234,7 +237,8 @@ def hostile(topic: str, n: int = 1000, seed: int = 0, big: int = BIG_COUNT, over
         want = kinds[i % len(kinds)]
         for kind, value, reasons in _variants(topic, i, rng, big_left, want == "oversize"):
             if kind == want:
-                out.append(Bad(kind, value, reasons, key=str(i % 40).encode()))
+                key = str(i % 40).encode() + (b"K" * HUGE_KEY if len(out) < huge_keys else b"")
+                out.append(Bad(kind, value, reasons, key=key))
                 over_left -= kind == "oversize"
                 break
         i += 1

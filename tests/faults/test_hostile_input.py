@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmrstream.contracts import (Click, Codec, ContractError, Impression, ModelUpdate, Sample, Score,  # noqa: E402
+from dmrstream.contracts import (DEAD_LETTER_MAX_KEY, Click, Codec, ContractError, Impression, ModelUpdate, Sample, Score,  # noqa: E402
                                  ScoreRequest, decode_dead_letter, encode)
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
@@ -157,12 +157,12 @@ def _check_dead_letters(dead_records: list, sent: list[tuple[Msg, int, int]], to
         assert env.reason.split(":")[0] in m.bad.reasons
         assert env.component == component
         original = m.value or b""
-        if env.truncated:  # oversized originals keep their head; the envelope says how long they were
+        if env.truncated:  # oversized originals or keys keep their head; the envelope says how long
             assert env.original_bytes == len(original) and original.startswith(env.original)
-            assert len(env.original) < len(original)
+            assert len(env.original) < len(original) or len(m.key) > DEAD_LETTER_MAX_KEY
         else:
             assert env.original == original
-        assert env.key == m.key
+        assert env.key == m.key[:DEAD_LETTER_MAX_KEY]
         kinds[m.bad.kind] += 1
     return kinds
 
