@@ -36,6 +36,17 @@ SETS = {"topics.partitions": 1, "kafka.session_timeout_ms": 6000, "model.item_vo
         "metrics.streamer_port": 0, "metrics.trainer_port": 0, "metrics.scorer_port": 0}
 
 
+def crash_tracebacks(log_text: str) -> list[str]:
+    """Tracebacks in a role's output other than those kafka-python logs itself at ERROR for a
+    connection it handles and closes (seen once in CI: a socket closed under a recv during
+    shutdown). Our roles must never print one; the exit code is checked separately."""
+    lines, out = log_text.splitlines(), []
+    for k, line in enumerate(lines):
+        if line.startswith("Traceback") and not (k and " ERROR kafka." in lines[k - 1]):
+            out.append("\n".join(lines[max(0, k - 1):k + 8]))
+    return out
+
+
 def _settings(port: int, tmp_path: Path):
     return load_settings(overrides={"kafka.bootstrap_servers": f"127.0.0.1:{port}",
                                     "topics.prefix": f"sw{uuid.uuid4().hex[:6]}.", "state_dir": str(tmp_path / "state"),
@@ -106,7 +117,7 @@ def test_signal_while_waiting_for_the_broker_stops_cleanly(role, sig, tmp_path):
     err = log.read_text()
     assert proc.returncode == 0, err[-3000:]
     assert took < 3.0, f"{role} took {took:.1f} s to stop"
-    assert "Traceback" not in err, err[-3000:]
+    assert not crash_tracebacks(err), err[-3000:]
     assert f"stopped while waiting for the Kafka broker at 127.0.0.1:{port}" in err
 
 
@@ -164,4 +175,4 @@ def test_roles_started_before_the_broker_proceed_when_it_appears(tmp_path):
     for role in ROLES:
         err = logs[role].read_text()
         assert procs[role].returncode == 0, f"{role}: {err[-3000:]}"
-        assert "Traceback" not in err, f"{role}: {err[-3000:]}"
+        assert not crash_tracebacks(err), f"{role}: {err[-3000:]}"
