@@ -330,11 +330,15 @@ def dead_letter(reason: str, original: bytes | None, component: str, *, topic: s
         truncated=cut, original_bytes=len(raw) if cut else None))
 
 
-def dead_letter_key(key: bytes | None) -> bytes | None:
-    """The Kafka key of a dead-letter record: the original's, cut to :data:`DEAD_LETTER_MAX_KEY`
-    bytes (a key over the producer's request limit would make the dead-letter send itself fail,
-    and the message could then never leave its topic)."""
-    return None if key is None else bytes(key[:DEAD_LETTER_MAX_KEY])
+def dead_letter_of(reason: str, record: Any, component: str) -> tuple[bytes | None, bytes]:
+    """(key, value) to produce on the dead-letters topic for a consumed ``record`` (anything with
+    topic, partition, offset, key, value). The key is the original's cut to
+    :data:`DEAD_LETTER_MAX_KEY` bytes: a key over the producer's request limit would make the
+    dead-letter send itself fail, and the message could then never leave its topic."""
+    key = record.key
+    return (None if key is None else bytes(key[:DEAD_LETTER_MAX_KEY]),
+            dead_letter(reason, record.value, component, topic=record.topic, partition=record.partition,
+                        offset=record.offset, key=key))
 
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:

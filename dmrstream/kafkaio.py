@@ -101,6 +101,25 @@ def topic_id_of(consumer: KafkaConsumer, topic: str) -> str | None:
     return str(tid) if tid is not None else None
 
 
+class TopicIdWatch:
+    """Tells a reader that keeps its own positions when ``topic`` was deleted and re-created under
+    it (:func:`topic_id_of` changed): it should then read the new log from the beginning."""
+
+    def __init__(self, topic: str, known: str | None = None):
+        self.topic, self.known = topic, known  # ``known``: the id the reader's positions belong to
+
+    def recreated(self, consumer: KafkaConsumer) -> bool:
+        """Check after a poll. True once per change (never on the first sighting), logged."""
+        tid = topic_id_of(consumer, self.topic)
+        if tid is None or tid == self.known:
+            return False
+        old, self.known = self.known, tid
+        if old is None:
+            return False
+        log.warning("%s was re-created (topic id %s -> %s): reading it from the beginning", self.topic, old, tid)
+        return True
+
+
 def make_admin(settings: Settings) -> KafkaAdminClient:
     return KafkaAdminClient(**client_config(settings.kafka))
 

@@ -26,7 +26,7 @@ import msgspec
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from dmrstream.contracts import Click, Codec, ContractError, Impression, dead_letter, dead_letter_key, encode
+from dmrstream.contracts import Click, Codec, ContractError, Impression, dead_letter_of, encode
 from dmrstream.settings import Settings
 from featurestore.logic import counter_add, counter_as_of, empty_counter
 from monitoring import metrics
@@ -235,6 +235,5 @@ class PartitionProcessor:
 
     def _dead(self, result: BatchResult, r: Record, reason: str) -> None:
         metrics.DEAD_LETTERS.labels(self.component, r.topic, metrics.reason_kind(reason)).inc()
-        result.messages.append((self.dead_topic, dead_letter_key(r.key), dead_letter(
-            reason, r.value, self.component, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key)))
+        result.messages.append((self.dead_topic, *dead_letter_of(reason, r, self.component)))
         result.dead += 1

@@ -22,8 +22,8 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from dmrstream.contracts import (Candidate, Codec, ContractError, Impression, ModelUpdate, Sample, ScoreRequest,
-                                 dead_letter, dead_letter_key, encode)
-from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of, wait_for_broker_at_start
+                                 dead_letter_of, encode)
+from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.scoring import ModelHolder, Scorer
@@ -55,8 +55,8 @@ class UpdateFollower(threading.Thread):
         topic = self.settings.topics.name("model_updates")
         metrics.DEAD_LETTERS.labels(COMPONENT, topic, metrics.reason_kind(reason)).inc()
         if self.producer is not None:
-            self.producer.send(self.settings.topics.name("dead_letters"), key=dead_letter_key(r.key), value=dead_letter(
-                reason, r.value, COMPONENT, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key))
+            key, value = dead_letter_of(reason, r, COMPONENT)
+            self.producer.send(self.settings.topics.name("dead_letters"), key=key, value=value)
 
     def _refused(self, update: ModelUpdate, reason: str) -> None:
         r = self.records.get(update.version)
@@ -83,15 +83,11 @@ class UpdateFollower(threading.Thread):
         end = consumer.end_offsets([tp])[tp]
         backlog: list[ModelUpdate] = []
         self.producer = make_producer(self.settings)
-        known_id: str | None = None
+        watch = TopicIdWatch(topic)
         while not self.stop.is_set():
             polled = consumer.poll(timeout_ms=200)
-            tid = topic_id_of(consumer, topic)
-            if tid is not None and tid != known_id:
-                if known_id is not None:  # re-created (a memory broker restarted empty): start it over
-                    log.warning("%s was re-created: reading it from the beginning", topic)
-                    consumer.seek_to_beginning(tp)
-                known_id = tid
+            if watch.recreated(consumer):  # a memory broker restarted empty: start it over
+                consumer.seek_to_beginning(tp)
             for recs in polled.values():
                 for r in recs:
                     try:
@@ -221,8 +217,7 @@ class ScorerService:
 
     def _dead(self, r: Any, reason: str, producer: Any) -> None:
         metrics.DEAD_LETTERS.labels(COMPONENT, r.topic, metrics.reason_kind(reason)).inc()
-        self._send(producer, self.settings.topics.name("dead_letters"), dead_letter_key(r.key), dead_letter(
-            reason, r.value, COMPONENT, topic=r.topic, partition=r.partition, offset=r.offset, key=r.key))
+        self._send(producer, self.settings.topics.name("dead_letters"), *dead_letter_of(reason, r, COMPONENT))
 
     def _handle(self, records: list, producer: Any) -> None:
         received = time.perf_counter()

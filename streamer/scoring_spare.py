@@ -34,16 +34,16 @@ class SpareReplica:
         self.live_version: int | None = None  # the live version the spare trails
         self.behind: list[dict[str, torch.Tensor]] | None = None  # deltas spare -> live; None: copy it whole
 
-    def keep(self, old: Loaded | None, new: Loaded, delta: dict[str, torch.Tensor] | None) -> None:
+    def keep(self, old: Loaded | None, new: Loaded) -> None:
         """``new`` just replaced ``old``: keep ``old`` as the spare unless the two share a
-        tensor (writing into it would change the live version). ``delta`` made ``new`` from
-        ``old``; None when ``new`` was loaded whole (then the spare is copied whole later)."""
+        tensor (writing into it would change the live version). When ``new`` was made from
+        ``old`` by a delta, that delta is what the spare lacks; else it is copied whole later."""
         if old is None or old is new or (_storages(old.state) & _storages(new.state)):
             self.drop()
             return
-        based_on_old = delta is not None and new.update is not None and new.update.base_version == old.version
+        from_old = new.delta is not None and new.update is not None and new.update.base_version == old.version
         self.loaded, self.live_version = old, new.version
-        self.behind = [delta] if based_on_old else None
+        self.behind = [new.delta] if from_old else None
 
     def take(self, live: Loaded, holder: Any, wait_s: float = 5.0) -> Loaded | None:
         """The spare brought level with ``live`` (written in place), or None when there is no

@@ -102,7 +102,7 @@ class Swapper:
                 return False
             finally:
                 self.holder.swapping.clear()
-            self.spare.keep(self.holder.swap(new), new, new.delta)
+            self.spare.keep(self.holder.swap(new), new)
             self.applied += 1
             metrics.SCORER_SWAPS.labels(update.kind).inc()
             set_freshness(new)

@@ -175,8 +175,8 @@ class AttentionScorer(nn.Module):
         return self.rest(h).squeeze(-1).t()  # (B, T)
 
     def segment_scores(self, query: torch.Tensor, group_parts: list[torch.Tensor], keys: torch.Tensor,
-                       sizes: list[int]) -> torch.Tensor:
-        """:meth:`forward` for rows grouped in contiguous runs (``sizes``: rows per group) whose
+                       runs: list[tuple[int, int]]) -> torch.Tensor:
+        """:meth:`forward` for rows grouped in contiguous runs (``runs``: (first row, rows) per group) whose
         query is ``[query (B, Q)] + group_parts (G, T, .)`` and whose keys are per group (G, T, K).
 
         Group by group in a (T, n, .) layout, with nothing gathered per row: within one group
@@ -189,27 +189,17 @@ class AttentionScorer(nn.Module):
         q_ctx = F.linear(torch.cat(list(group_parts), -1), qw[:, query.shape[-1]:], self.align.bias)  # (G, T, K)
         key_proj = F.linear(keys, w[:, k:2 * k] - w[:, 2 * k:3 * k], self.first.bias).unsqueeze(2)  # (G, T, 1, H)
         per_pos = (w[:, :k] + w[:, 2 * k:3 * k]) + w[:, 3 * k:] * keys.unsqueeze(2)  # (G, T, H, K)
-        out, start = [], 0
-        for g, n in enumerate(sizes):
+        out = []
+        for g, (start, n) in enumerate(runs):
             q = self.align_act(q_ctx[g].unsqueeze(1) + q_rows[start:start + n])  # (T, n, K)
             h = torch.baddbmm(key_proj[g], q, per_pos[g].transpose(1, 2))  # (T, n, H)
             out.append(self.rest(h).squeeze(-1).t())  # (n, T)
-            start += n
         return torch.cat(out, 0)
 
 
 # Grouped inference goes group by group (AttentionScorer.segment_scores) when groups average at
 # least this many rows; below it, the per-group Python loop costs more than gathering rows.
 SEGMENT_MIN_ROWS = 8
-
-
-def _runs(sizes: list[int]) -> list[tuple[int, int]]:
-    """(start, length) of each contiguous group."""
-    out, start = [], 0
-    for n in sizes:
-        out.append((start, n))
-        start += n
-    return out
 
 
 def _table(rows: int, dim: int, sparse: bool = True) -> nn.Embedding:
@@ -262,10 +252,11 @@ class InputLayer(nn.Module):
         mask = b.mask[rows].to(hist.dtype)
         n = mask.sum(1, keepdim=True)
         pooled = (hist * mask.unsqueeze(-1)).sum(1) / n.clamp(min=1)
-        group_hist, sizes = None, None
+        group_hist, runs = None, None
         if first is not None:  # the sequence once per group; rows index their group's
             group_hist, hist, pooled = hist, None, pooled[b.group]
-            sizes = torch.diff(first, append=first.new_full((1,), B)).tolist()
+            starts = first.tolist()
+            runs = list(zip(starts, [e - s for s, e in zip(starts, starts[1:] + [B])]))  # (first row, rows)
         parts = [self.user_emb(b.user), self.field_emb(b.profile).reshape(B, -1),
                  self.field_emb(b.context).reshape(B, -1), target,
                  self.field_emb(b.item_fields).reshape(B, -1), pooled]
@@ -273,7 +264,7 @@ class InputLayer(nn.Module):
             parts.append(b.dense)
         # grouped: "hist" is None, "group_hist" (G, T, 2E) holds each group's behaviours once
         return {"static": torch.cat(parts, -1), "target": target, "hist": hist, "mask": b.mask,
-                "group_hist": group_hist, "first": first, "sizes": sizes}
+                "group_hist": group_hist, "first": first, "runs": runs}
 
     def position_logit(self, b: Batch) -> torch.Tensor | float:
         """(B,) additive logit of the display position (0 where unknown or switched off)."""
@@ -339,8 +330,8 @@ class DMR(nn.Module):
         when every real behaviour of the batch has one type (clicks), the query is one per
         position and the scorer takes its cheaper form. Padding positions get the same query
         there; they are masked everywhere scores are used, so nothing changes."""
-        code = self._single_behavior(b)
-        if code is not None and not self.cfg.time_gaps:
+        code = None if self.cfg.time_gaps else self._single_behavior(b)
+        if code is not None:
             T = hist.shape[1]
             steps = torch.arange(T - 1, -1, -1, device=hist.device)  # position of column t: T-1-t
             parts = [self.inputs.behavior_emb(torch.full_like(steps, code))]
@@ -392,18 +383,18 @@ class DMR(nn.Module):
             if self.training and self.cfg.aux_loss:
                 extras["aux_loss"] = self._aux_loss(b, hist, scores)
         if self.cfg.i2i:
-            gh, sizes = x["group_hist"], x["sizes"]
+            gh, runs = x["group_hist"], x["runs"]
             if first is None:
                 scores = self.i2i_scorer([x["target"].unsqueeze(1), *self._context(b)], hist)
-            elif len(b.item) >= SEGMENT_MIN_ROWS * len(sizes):  # large groups: group by group
-                scores = self.i2i_scorer.segment_scores(x["target"], self._context(b, first), gh, sizes)
+            elif len(b.item) >= SEGMENT_MIN_ROWS * len(runs):  # large groups: group by group
+                scores = self.i2i_scorer.segment_scores(x["target"], self._context(b, first), gh, runs)
             else:  # many small groups (e.g. one candidate per request): one pass, rows gathered
                 scores = self.i2i_scorer([x["target"].unsqueeze(1)], gh, group_parts=self._context(b, first), group=g)
             w = masked_softmax(scores, mask)
             if first is None:
                 u_hat = torch.bmm(w.unsqueeze(1).to(hist.dtype), hist).squeeze(1)
             else:  # each group's weights times its behaviours: no per-row copy of the sequence
-                u_hat = torch.cat([w[s:s + n].to(gh.dtype) @ gh[i] for i, (s, n) in enumerate(_runs(sizes))])
+                u_hat = torch.cat([w[s:s + n].to(gh.dtype) @ gh[i] for i, (s, n) in enumerate(runs)])
             r_hat = (scores * mask).sum(1, keepdim=True)
             feats += [u_hat, r_hat.to(u_hat.dtype)]
             extras.update(i2i_weights=w, r_hat=r_hat)

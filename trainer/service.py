@@ -24,8 +24,8 @@ import torch
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter, dead_letter_key, encode
-from dmrstream.kafkaio import make_consumer, make_producer, topic_id_of, wait_for_broker_at_start
+from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter_of, encode
+from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from trainer.checkpoint import LATEST, load_checkpoint, save_checkpoint
@@ -150,13 +150,14 @@ class Trainer:
                                    pin=self.device.type == "cuda")
             # scored by the weights before this step (prequential), from the training pass itself
             stats, probs = scored_train_step(self.model, self.opts, on_device)
-            self.metrics.update(probs.cpu().numpy(), b.label, np.array([s.ts for s in fresh], dtype=np.int64))
+            ts = np.fromiter((s.ts for s in fresh), dtype=np.int64, count=len(fresh))
+            self.metrics.update(probs.cpu().numpy(), b.label, ts)
             self._note_touched()
             for s in fresh:
                 self.recent.add(s.sample_id)
-                self._log.write(s.sample_id.encode() + b"\n")
+            self._log.write("".join(s.sample_id + "\n" for s in fresh).encode())  # one write per batch
             self.samples_seen += len(fresh)
-            self.trained_until_ts = max(self.trained_until_ts, max(s.ts for s in fresh))
+            self.trained_until_ts = max(self.trained_until_ts, int(ts.max()))
             metrics.TRAINER_SAMPLES.inc(len(fresh))
             metrics.TRAINER_LOSS.set(stats.get("loss", float("nan")))
         metrics.TRAINER_REPEATS.inc(len(batch.samples) - len(fresh))
@@ -249,10 +250,10 @@ class Prefetcher(threading.Thread):
         # step 0.54-0.59 with it vs 0.60-0.63 without, before the single-pass scoring).
         self.build = build
         self.start_offsets = start_offsets
-        self.topic_id = start_topic_id  # of the samples topic the start offsets belong to
         self.stop = threading.Event()
         self.codec = Codec(Sample, settings.limits)
         self.topic = settings.topics.name("samples")
+        self.watch = TopicIdWatch(self.topic, start_topic_id)  # the topic the start offsets belong to
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -276,16 +277,9 @@ class Prefetcher(threading.Thread):
         first_at = None
         while not self.stop.is_set():
             records = consumer.poll(timeout_ms=100, max_records=self.batch_size)
-            tid = topic_id_of(consumer, self.topic)
-            if tid is not None and tid != self.topic_id:
-                if self.topic_id is not None:
-                    # Re-created (a memory broker restarted empty): our offsets point into
-                    # another log. Read it from the start; repeats are dropped by id.
-                    log.warning("%s was re-created (topic id %s -> %s): reading it from the beginning",
-                                self.topic, self.topic_id, tid)
-                    consumer.seek_to_beginning(*parts)
-                    offsets = {tp.partition: 0 for tp in parts}
-                self.topic_id = tid
+            if self.watch.recreated(consumer):  # a memory broker restarted empty; repeats are dropped by id
+                consumer.seek_to_beginning(*parts)
+                offsets = {tp.partition: 0 for tp in parts}
             for tp, recs in records.items():
                 for r in recs:
                     offsets[tp.partition] = r.offset + 1
@@ -293,15 +287,14 @@ class Prefetcher(threading.Thread):
                         pending.append(self.codec.decode(r.value))
                     except ContractError as e:
                         metrics.DEAD_LETTERS.labels("trainer", self.topic, metrics.reason_kind(e.reason)).inc()
-                        producer.send(self.settings.topics.name("dead_letters"), key=dead_letter_key(r.key), value=dead_letter(
-                            e.reason, r.value, "trainer", topic=self.topic, partition=tp.partition, offset=r.offset,
-                            key=r.key))
+                        key, value = dead_letter_of(e.reason, r, "trainer")
+                        producer.send(self.settings.topics.name("dead_letters"), key=key, value=value)
             if (pending or offsets) and first_at is None:
                 first_at = time.monotonic()
             if first_at is not None and (len(pending) >= self.batch_size
                                          or time.monotonic() - first_at >= self.max_wait_s):
                 built = samples_to_batch(pending, self.settings) if self.build and pending else None
-                self.out.put(ReadyBatch(pending, offsets, self.topic_id, built))
+                self.out.put(ReadyBatch(pending, offsets, self.watch.known, built))
                 pending, offsets, first_at = [], {}, None
         producer.close(timeout=5)
         consumer.close()

@@ -105,3 +105,39 @@ def test_a_fresh_broker_replaces_topics_a_client_auto_created_with_the_wrong_par
         assert describe_partitions(admin, list(specs)) == specs
     finally:
         admin.close()
+
+
+def test_topic_id_watch_tells_a_reader_its_topic_was_recreated(kafka_settings):
+    """A topic deleted and created again under an assigned reader (what a memory broker's restart
+    looks like): the watch says so once, after the first sighting, and not before."""
+    from dmrstream.kafkaio import TopicIdWatch, make_admin
+
+    create_topics(kafka_settings)
+    topic = kafka_settings.topics.name("clicks")
+    parts = [TopicPartition(topic, p) for p in range(topic_specs(kafka_settings)[topic])]
+    reader = make_consumer(kafka_settings, None, [])
+    reader.assign(parts)
+    watch = TopicIdWatch(topic)
+
+    def polls_until(cond, seconds=30.0):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            reader.poll(timeout_ms=200)
+            if cond():
+                return True
+        return False
+
+    assert polls_until(lambda: not watch.recreated(reader) and watch.known is not None)  # first sighting: False
+    first = watch.known
+    assert not watch.recreated(reader)  # same topic: nothing to do
+    admin = make_admin(kafka_settings)
+    try:
+        admin.delete_topics([topic])
+        time.sleep(0.5)
+        create_topics(kafka_settings, admin)
+    finally:
+        admin.close()
+    seen = []
+    assert polls_until(lambda: seen.append(watch.recreated(reader)) or any(seen))
+    assert watch.known != first and seen.count(True) == 1
+    reader.close()
