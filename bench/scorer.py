@@ -123,6 +123,56 @@ def throughput(scorer, n_cands, per_pass, seconds=6.0):
     return done / (time.perf_counter() - start)
 
 
+def forward_paths(scorer, res):
+    """The model's forward alone for one 200-candidate request, group by group (the default for
+    large groups) vs rows gathered per group (what many small groups take), same batches."""
+    import trainer.model as model_module
+    from streamer.scoring import requests_batch
+
+    rs = [req(i, 200) for i in range(30)]
+    batches = [requests_batch([r], scorer.features.lookup([r], [None]), scorer.settings).to_torch() for r in rs]
+    model = scorer.holder.get().model
+    default = model_module.SEGMENT_MIN_ROWS
+    for name, threshold in (("segment", default), ("gather", 10**9)):
+        model_module.SEGMENT_MIN_ROWS = threshold
+        times = []
+        with torch.inference_mode():
+            for b in batches * 3:
+                t = time.perf_counter()
+                model(b)
+                times.append(time.perf_counter() - t)
+        res[f"forward_200_{name}_p50_ms"] = pct(times[len(batches):], 50)
+    model_module.SEGMENT_MIN_ROWS = default
+
+
+def gil_gaps(store):
+    """Longest stall of a 1 ms ticker thread while the newest full version is read by the store
+    (trainer/tensorfile.py) vs by ``safetensors.torch.load`` on the same bytes: how long a serving
+    thread could not run Python during a full load."""
+    from safetensors.torch import load as st_load
+
+    meta = next(m for m in reversed(store.versions()) if m.kind == "full")
+    raw = Path(store.path, meta.file).read_bytes()
+    out = []
+    for read in (lambda: store.read_verified(meta.file, meta.sha256), lambda: st_load(raw)):
+        gaps, stop = [0.0], threading.Event()
+
+        def tick():
+            last = time.perf_counter()
+            while not stop.is_set():
+                time.sleep(0.001)
+                now = time.perf_counter()
+                gaps[0], last = max(gaps[0], now - last), now
+        th = threading.Thread(target=tick)
+        th.start()
+        time.sleep(0.05)
+        read()
+        stop.set()
+        th.join()
+        out.append(gaps[0] * 1000)
+    return out
+
+
 def in_process(settings, versions, res):
     holder = ModelHolder()
     swapper = Swapper(holder, versions.store, settings)
@@ -137,6 +187,8 @@ def in_process(settings, versions, res):
         res[f"inproc_{n}_p50_ms"], res[f"inproc_{n}_p99_ms"] = pct(lat, 50), pct(lat, 99)
     res["cands_per_s_per_core_200x8"] = throughput(scorer, 200, 8)
     res["cands_per_s_per_core_1x256"] = throughput(scorer, 1, 256, 4.0)
+    forward_paths(scorer, res)
+    res["full_read_max_gil_gap_ms"], res["safetensors_load_max_gil_gap_ms"] = gil_gaps(versions.store)
     # swaps: 20 deltas back to back, then one full, on the loader thread while 200-candidate requests run
     base = latencies(scorer, 200, 150)
     ups = [versions.next("delta") for _ in range(20)] + [versions.next("full")]
@@ -268,8 +320,7 @@ def freshness(settings, res, seconds=75.0):
 
 
 def main():
-    tune_allocator()  # as every dmrstream process does (dmrstream/allocator.py)
-    res: dict[str, float] = {}
+    res: dict[str, float] = {"malloc_tuned": float(tune_allocator())}  # as every dmrstream process
     started = time.perf_counter()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """safetensors file -> tensors that are views of the one buffer it was read into (no copy, no
 long GIL hold).
 
-``safetensors.torch.load`` copies every tensor inside one Rust call that holds the GIL: 230 ms
+``safetensors.torch.load`` copies every tensor inside one Rust call that holds the GIL: 109-238 ms
 for the default model's 420 MB on this machine, during which a scorer's serving thread cannot
 run a single Python line (that was the p99 of a full hot swap). The format is simple and fully
 specified (8-byte little-endian header length, a JSON header of dtype/shape/data_offsets, the
