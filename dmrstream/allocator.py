@@ -6,8 +6,8 @@ tensors then page-faults every one of its multi-MB temporaries, every pass. benc
 with and without it (2-core machine): 22,374 vs 20,077 candidates/s/core, the gathered forward
 10.8 vs 12.9 ms (before the group-by-group forward, a one-off run gave 11-12 vs 21-24 ms).
 The cost: freed memory stays in the process (up to ``trim_mb``) for reuse instead of going back
-to the kernel. ``DMRSTREAM_MALLOC_TUNING=0`` leaves
-glibc's defaults (to compare: bench/scorer.py run both ways).
+to the kernel. ``DMRSTREAM_MALLOC_TUNING=0`` leaves glibc's defaults (to compare: bench/scorer.py
+run both ways).
 """
 
 from __future__ import annotations
