@@ -33,7 +33,7 @@ def test_stop_ends_an_unbounded_wait_where_nothing_listens(caplog):
         assert wait_for_broker(_settings(f"127.0.0.1:{port}"), timeout_s=None, stop=_stop_after(1.0),
                                waiter="tester", max_backoff_s=5.0) is False
         took = time.monotonic() - started
-    assert 0.9 < took < 1.5
+    assert 0.9 < took < 3.0  # promptly after the stop (generous: a loaded 2-core CI box)
     text = caplog.text
     assert f"tester: waiting for the Kafka broker at 127.0.0.1:{port}" in text
     assert "Connection refused" in text
@@ -45,7 +45,7 @@ def test_stop_already_set_returns_at_once():
     stop.set()
     started = time.monotonic()
     assert wait_for_broker(_settings(f"127.0.0.1:{free_port()}"), timeout_s=None, stop=stop) is False
-    assert time.monotonic() - started < 0.2
+    assert time.monotonic() - started < 1.0
 
 
 def test_stop_ends_the_wait_while_a_probe_hangs():
@@ -57,7 +57,7 @@ def test_stop_ends_the_wait_while_a_probe_hangs():
         started = time.monotonic()
         assert wait_for_broker(_settings(f"127.0.0.1:{srv.getsockname()[1]}"), timeout_s=None,
                                stop=_stop_after(0.5)) is False
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.5  # kafka-python alone would hang for ~10 s
 
 
 def test_a_bounded_wait_raises_with_the_address():
