@@ -134,6 +134,7 @@ class TrainerSettings(BaseModel):
     delta_every_s: float = 10.0
     full_every_s: float = 600.0
     keep_versions: int = 50
+    metrics_retain_samples: int = Field(2_000_000, ge=1)  # prequential samples kept exactly (older: histogram and sums)
 
 
 class ScorerSettings(BaseModel):

@@ -77,7 +77,7 @@ class Trainer:
         self.device = pick_device(settings)
         self.model = build_model(settings, kind).to(self.device)
         self.opts = build_optimizers(self.model, settings)
-        self.metrics = ProgressiveMetrics()
+        self.metrics = ProgressiveMetrics(retain=settings.trainer.metrics_retain_samples)
         self.store = ModelStore(settings.model_store)
         self.dir = Path(settings.state_dir) / "trainer"
         self.dir.mkdir(parents=True, exist_ok=True)
