@@ -325,19 +325,29 @@ class DMR(nn.Module):
         pooled = torch.bmm(weights.unsqueeze(1).to(hist.dtype), hist).squeeze(1)
         return self.u2i_act(self.u2i_dense(pooled))
 
-    def u2i_scores(self, b: Batch, hist: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax U2I scores (B, T). Its query is the behaviour type and the position only:
-        when every real behaviour of the batch has one type (clicks), the query is one per
-        position and the scorer takes its cheaper form. Padding positions get the same query
-        there; they are masked everywhere scores are used, so nothing changes."""
+    def position_context(self, b: Batch) -> torch.Tensor | None:
+        """The behaviours' context (behaviour type, position) once per position (T, Q) when it
+        is the same for every row: every real behaviour of the batch has one type (clicks) and
+        no time gaps are used. Else None. Padding positions then get a real position's context;
+        they are masked everywhere scores are used, so nothing changes."""
         code = None if self.cfg.time_gaps else self._single_behavior(b)
-        if code is not None:
-            T = hist.shape[1]
-            steps = torch.arange(T - 1, -1, -1, device=hist.device)  # position of column t: T-1-t
-            parts = [self.inputs.behavior_emb(torch.full_like(steps, code))]
-            if self.cfg.position:
-                parts.append(self.inputs.position_emb(steps))
-            return self.u2i_scorer.position_query_scores(torch.cat(parts, -1), hist)
+        if code is None:
+            return None
+        T = b.hist_item.shape[1]
+        steps = torch.arange(T - 1, -1, -1, device=b.hist_item.device)  # position of column t: T-1-t
+        parts = [self.inputs.behavior_emb(torch.full_like(steps, code))]
+        if self.cfg.position:
+            parts.append(self.inputs.position_emb(steps))
+        return torch.cat(parts, -1)
+
+    def u2i_scores(self, b: Batch, hist: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-softmax U2I scores (B, T). Its query is the behaviour type and the position only:
+        with a per-position ``context`` (:meth:`position_context`) the scorer takes its cheaper
+        form (one query per position, not per row and position)."""
+        if context is None:
+            context = self.position_context(b)
+        if context is not None:
+            return self.u2i_scorer.position_query_scores(context, hist)
         return self.u2i_scorer(self._context(b), hist)
 
     @staticmethod
@@ -367,9 +377,11 @@ class DMR(nn.Module):
         # Rows of one group (a scorer's candidates for one user) share the user side: the U2I
         # attention and the behaviours' projections are computed once per group.
         first, g = x["first"], b.group
+        # training batches: the behaviours' context once per position when it is (clicks only)
+        pos_ctx = self.position_context(b) if first is None else None
         if self.cfg.u2i:
             if first is None:
-                scores = self.u2i_scores(b, hist)
+                scores = self.u2i_scores(b, hist, pos_ctx)
                 w = masked_softmax(scores, mask)
                 u = self._user_vector(w, hist)
             else:
@@ -384,8 +396,9 @@ class DMR(nn.Module):
                 extras["aux_loss"] = self._aux_loss(b, hist, scores)
         if self.cfg.i2i:
             gh, runs = x["group_hist"], x["runs"]
-            if first is None:
-                scores = self.i2i_scorer([x["target"].unsqueeze(1), *self._context(b)], hist)
+            if first is None:  # the context projected once per position when it is shared
+                ctx = self._context(b) if pos_ctx is None else [pos_ctx.unsqueeze(0)]
+                scores = self.i2i_scorer([x["target"].unsqueeze(1), *ctx], hist)
             elif len(b.item) >= SEGMENT_MIN_ROWS * len(runs):  # large groups: group by group
                 scores = self.i2i_scorer.segment_scores(x["target"], self._context(b, first), gh, runs)
             else:  # many small groups (e.g. one candidate per request): one pass, rows gathered

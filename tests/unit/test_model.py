@@ -302,8 +302,8 @@ def test_scored_train_step_scores_with_the_weights_before_the_step(kind):
 
 @pytest.mark.parametrize("ablate", [[], ["position"]])
 def test_u2i_with_one_behaviour_type_equals_the_generic_attention(ablate):
-    """When every behaviour is a click the U2I query is one per position and a cheaper form is
-    used: same scores at real positions, same loss, same gradients."""
+    """When every behaviour is a click the U2I query (and the I2I query's context) is one per
+    position and a cheaper form is used: same scores at real positions, same loss, same gradients."""
     s = small_settings()
     samples = make_samples(40, seed=3)
     assert {x for smp in samples for x in smp.hist_behaviors} == {"click"}
@@ -314,6 +314,11 @@ def test_u2i_with_one_behaviour_type_equals_the_generic_attention(ablate):
     fast, generic = model.u2i_scores(b, hist), model.u2i_scorer(model._context(b), hist)
     real = b.mask > 0
     assert real.sum() > 100 and torch.allclose(fast[real], generic[real], atol=1e-5)
+    # the I2I attention's context likewise projected once per position
+    target = model.inputs(b)["target"].unsqueeze(1)
+    shared = model.i2i_scorer([target, model.position_context(b).unsqueeze(0)], hist)
+    per_row = model.i2i_scorer([target, *model._context(b)], hist)
+    assert torch.allclose(shared[real], per_row[real], atol=1e-5)
     grads = []
     for use_fast in (True, False):
         model.zero_grad()
