@@ -202,6 +202,45 @@ class AttentionScorer(nn.Module):
 SEGMENT_MIN_ROWS = 8
 
 
+class _DistinctRowsLookup(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` whose gradient is a sparse tensor with one row per distinct
+    id: the rows' gradients are summed here (one index_add) instead of emitted once per lookup
+    (B x T rows) that SparseAdam's coalesce then sorts and sums (bench/train_step.py: +10 %)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+        distinct, inverse = torch.unique(ids, return_inverse=True)
+        ctx.save_for_backward(distinct, inverse)
+        ctx.weight_shape, ctx.padding_idx = weight.shape, padding_idx
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        distinct, inverse = ctx.saved_tensors
+        dim = grad.shape[-1]
+        rows = grad.new_zeros(len(distinct), dim).index_add_(0, inverse.reshape(-1), grad.reshape(-1, dim))
+        rows.masked_fill_((distinct == ctx.padding_idx).unsqueeze(1), 0.0)  # the padding row never learns
+        # sorted distinct ids inside the table (the forward lookup checked the range)
+        g = torch.sparse_coo_tensor(distinct.unsqueeze(0), rows, ctx.weight_shape, is_coalesced=True,
+                                    check_invariants=False)
+        return g, None, None
+
+
+def lookup(table: nn.Embedding, *ids: torch.Tensor) -> list[torch.Tensor]:
+    """``[table(i) for i in ids]`` in ONE lookup. Training a sparse table, its gradient then has
+    one row per distinct id (see :class:`_DistinctRowsLookup`), not one sparse tensor per lookup
+    with a row per occurrence that autograd concatenates and SparseAdam sorts."""
+    if not (table.sparse and torch.is_grad_enabled() and table.weight.requires_grad):
+        return [table(i) for i in ids]
+    flat = torch.cat([i.reshape(-1) for i in ids]) if len(ids) > 1 else ids[0].reshape(-1)
+    rows = _DistinctRowsLookup.apply(table.weight, flat, table.padding_idx)
+    out, start = [], 0
+    for i in ids:
+        out.append(rows[start:start + i.numel()].reshape(*i.shape, -1))
+        start += i.numel()
+    return out
+
+
 def _table(rows: int, dim: int, sparse: bool = True) -> nn.Embedding:
     emb = nn.Embedding(rows, dim, padding_idx=0, sparse=sparse)
     nn.init.normal_(emb.weight, std=0.01)
@@ -244,11 +283,13 @@ class InputLayer(nn.Module):
 
     def forward(self, b: Batch) -> dict[str, torch.Tensor]:
         B = b.item.shape[0]
-        target = torch.cat([self.item_emb(b.item), self.category_emb(b.category)], -1)
         # grouped only for inference (training batches hold one row per user anyway)
         first = group_first_rows(b.group) if b.group is not None and not self.training else None
         rows = slice(None) if first is None else first
-        hist = torch.cat([self.item_emb(b.hist_item[rows]), self.category_emb(b.hist_category[rows])], -1)
+        item, hist_item = lookup(self.item_emb, b.item, b.hist_item[rows])
+        category, hist_category = lookup(self.category_emb, b.category, b.hist_category[rows])
+        target = torch.cat([item, category], -1)
+        hist = torch.cat([hist_item, hist_category], -1)
         mask = b.mask[rows].to(hist.dtype)
         n = mask.sum(1, keepdim=True)
         pooled = (hist * mask.unsqueeze(-1)).sum(1) / n.clamp(min=1)
@@ -257,9 +298,9 @@ class InputLayer(nn.Module):
             group_hist, hist, pooled = hist, None, pooled[b.group]
             starts = first.tolist()
             runs = list(zip(starts, [e - s for s, e in zip(starts, starts[1:] + [B])]))  # (first row, rows)
-        parts = [self.user_emb(b.user), self.field_emb(b.profile).reshape(B, -1),
-                 self.field_emb(b.context).reshape(B, -1), target,
-                 self.field_emb(b.item_fields).reshape(B, -1), pooled]
+        profile, context, item_fields = lookup(self.field_emb, b.profile, b.context, b.item_fields)
+        parts = [self.user_emb(b.user), profile.reshape(B, -1), context.reshape(B, -1), target,
+                 item_fields.reshape(B, -1), pooled]
         if self.cfg.counters:
             parts.append(b.dense)
         # grouped: "hist" is None, "group_hist" (G, T, 2E) holds each group's behaviours once

@@ -10,7 +10,7 @@ from dmrstream.contracts import Sample
 from dmrstream.settings import load_settings
 from trainer.evaluate import auc
 from trainer.features import samples_to_batch
-from trainer.model import (DMR, ModelConfig, PReLULast, build_model, build_optimizers, loss_of,
+from trainer.model import (DMR, ModelConfig, PReLULast, build_model, build_optimizers, lookup, loss_of,
                            masked_softmax, output_layer, predict, train_step)
 
 
@@ -336,3 +336,30 @@ def test_u2i_with_one_behaviour_type_equals_the_generic_attention(ablate):
                          "hist_behaviors": ["buy"] + list(mixed[0].hist_behaviors[1:])})
     assert len(mixed[0].hist_behaviors) > 1
     assert DMR._single_behavior(samples_to_batch(mixed, s).to_torch()) is None  # mixed types: generic form
+
+
+def test_one_lookup_of_distinct_rows_learns_like_separate_lookups():
+    """lookup() (one sparse gradient row per distinct id) against nn.Embedding called
+    once per id tensor: same outputs, same gradient (padding row 0 included: it gets none), and
+    the same SparseAdam step."""
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(50, 4, padding_idx=0, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    ids = [torch.tensor([3, 0, 3, 7]), torch.tensor([[7, 7, 0], [1, 3, 0]])]  # repeats and padding
+    weights = [torch.randn(4, 4), torch.randn(2, 3, 4)]
+    ours = lookup(tables[0], *ids)
+    theirs = [tables[1](i) for i in ids]
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    sum((o * w).sum() for o, w in zip(ours, weights)).backward()
+    sum((o * w).sum() for o, w in zip(theirs, weights)).backward()
+    g = tables[0].weight.grad
+    assert g.is_sparse and g._indices().tolist() == [[0, 1, 3, 7]]  # each id once, not once per lookup
+    assert torch.allclose(g.to_dense(), tables[1].weight.grad.to_dense(), atol=1e-6)
+    assert torch.all(g.to_dense()[0] == 0)
+    for t in tables:
+        torch.optim.SparseAdam([t.weight], lr=0.1).step()
+    assert torch.allclose(tables[0].weight, tables[1].weight, atol=1e-6)
+    assert not torch.equal(tables[0].weight[3], tables[1].weight[3] * 0)  # it did learn
+    with torch.no_grad():  # inference: plain lookups, nothing saved for backward
+        assert torch.equal(lookup(tables[0], ids[1])[0], tables[0](ids[1]))
