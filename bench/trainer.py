@@ -54,15 +54,18 @@ def to_samples(cols: dict, offset: int) -> list[Sample]:
     return out
 
 
-def per_batch_costs(settings, cols: dict) -> tuple[float, float]:
+def per_batch_costs(settings, cols: dict) -> dict[str, float]:
     """Milliseconds per batch (best of 5) of what end to end adds around the step: decoding and
-    checking the samples (the prefetch thread) and assembling the model input (the main thread)."""
+    checking the samples (the prefetch thread) and assembling the model input (the main thread),
+    column-wise (what the trainer does with valid batches) and message by message (its path for
+    a batch holding a bad message, and the one before trainer/sample_decode.py)."""
     from dmrstream.contracts import Codec
-    from trainer.features import samples_to_batch
+    from trainer.features import columns_to_batch, samples_to_batch
+    from trainer.sample_decode import SampleColumnsDecoder
 
     raw = [encode(x) for x in to_samples(cols, 0)]
-    codec = Codec(Sample, settings.limits)
-    decoded = [codec.decode(r) for r in raw]
+    codec, columns = Codec(Sample, settings.limits), SampleColumnsDecoder(settings.limits)
+    decoded, by_column = [codec.decode(r) for r in raw], columns.decode(raw)
 
     def best(f):
         times = []
@@ -71,7 +74,10 @@ def per_batch_costs(settings, cols: dict) -> tuple[float, float]:
             f()
             times.append(time.perf_counter() - t)
         return min(times) * 1000
-    return best(lambda: [codec.decode(r) for r in raw]), best(lambda: samples_to_batch(decoded, settings))
+    return {"decode": best(lambda: columns.decode(raw)),
+            "assemble": best(lambda: columns_to_batch(by_column.columns, settings)),
+            "decode_per_message": best(lambda: [codec.decode(r) for r in raw]),
+            "assemble_per_message": best(lambda: samples_to_batch(decoded, settings))}
 
 
 def main() -> None:
@@ -99,7 +105,7 @@ def main() -> None:
         trainer = Trainer(s, "dmr", "cpu")
         # Pure step rate at the same shape, same process, same model (pre-built batches).
         pure = measure(trainer.model, trainer.opts, [columns_to_batch(c, s) for c in cols], trainer.device, 15.0)
-        decode_ms, assemble_ms = per_batch_costs(s, cols[0])
+        costs = per_batch_costs(s, cols[0])
 
         ready: queue.Queue = queue.Queue(maxsize=8)
         pre = Prefetcher(s, {}, ready, BATCH, s.trainer.max_wait_ms / 1000)
@@ -136,7 +142,9 @@ def main() -> None:
             ("end to end Kafka -> optimizer samples/s", f"{e2e:,.0f}"),
             ("end to end / pure step", f"{e2e / pure:.2f}  (target >= 0.80)"),
             ("per 1024: pure step / decode + check / batch assembly",
-             f"{BATCH / pure * 1e3:,.0f} / {decode_ms:,.1f} / {assemble_ms:,.1f} ms"),
+             f"{BATCH / pure * 1e3:,.0f} / {costs['decode']:,.1f} / {costs['assemble']:,.1f} ms"),
+            ("  decode + check / assembly message by message (bad batches)",
+             f"{costs['decode_per_message']:,.1f} / {costs['assemble_per_message']:,.1f} ms"),
             ("full publish: size, time", f"{sizes[full.version] / 1e6:,.1f} MB, {full_s * 1e3:,.0f} ms"),
             ("delta publish (one batch of rows): size, time", f"{sizes[delta.version] / 1e6:,.2f} MB, {delta_s * 1e3:,.0f} ms"),
             ("delta / full size", f"{sizes[delta.version] / sizes[full.version]:.4f}")]
@@ -146,7 +154,7 @@ def main() -> None:
     console.print("shared 2-core machine: noisy; no CUDA here, the GPU path is not measured")
     print(json.dumps({"pure_step_samples_per_s": round(pure), "e2e_samples_per_s": round(e2e),
                       "e2e_vs_pure_ratio": round(e2e / pure, 3), "step_per_batch_ms": round(BATCH / pure * 1e3, 1),
-                      "decode_per_batch_ms": round(decode_ms, 1), "assemble_per_batch_ms": round(assemble_ms, 1),
+                      **{f"{k}_per_batch_ms": round(v, 1) for k, v in costs.items()},
                       "full_publish_bytes": sizes[full.version],
                       "full_publish_ms": round(full_s * 1e3), "delta_publish_bytes": sizes[delta.version],
                       "delta_publish_ms": round(delta_s * 1e3)}))

@@ -198,6 +198,20 @@ class Codec:
         self._decoder = msgspec.json.Decoder(contract)
 
     def decode(self, raw: bytes | bytearray | memoryview | None) -> T:
+        self.check_payload(raw)
+        try:
+            event = self._decoder.decode(raw)
+        except msgspec.ValidationError as e:
+            raise ContractError(f"invalid: {_short(e)}") from None
+        except msgspec.DecodeError as e:
+            raise ContractError(f"malformed: {_short(e)}") from None
+        except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
+            raise ContractError(f"malformed: {type(e).__name__}") from None
+        _check_limits(event, self.limits)
+        return event
+
+    def check_payload(self, raw: Any) -> None:
+        """The checks before parsing: bytes, not empty, within the size limit, valid UTF-8."""
         if raw is None:
             raise ContractError("empty: null payload (tombstone)")
         if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -210,16 +224,6 @@ class Codec:
             bytes(raw).decode("utf-8")
         except UnicodeDecodeError as e:
             raise ContractError(f"utf8: invalid UTF-8 at byte {e.start}") from None
-        try:
-            event = self._decoder.decode(raw)
-        except msgspec.ValidationError as e:
-            raise ContractError(f"invalid: {_short(e)}") from None
-        except msgspec.DecodeError as e:
-            raise ContractError(f"malformed: {_short(e)}") from None
-        except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
-            raise ContractError(f"malformed: {type(e).__name__}") from None
-        _check_limits(event, self.limits)
-        return event
 
 
 def _short(e: Exception) -> str:
@@ -266,6 +270,17 @@ _IS_INT = int.__instancecheck__
 def _check_limits(event: Any, limits: Any) -> None:
     """Deployment bounds msgspec's static types cannot express (hot path: one pass per field)."""
     name = type(event).__name__
+    check_field_limits(event, name, limits)
+    if name in ("Impression", "Click"):
+        return
+    _check_collections(event, limits)
+
+
+def check_field_limits(event: Any, contract: str, limits: Any) -> None:
+    """The deployment bounds of ids, ``ts`` and maps of an event of ``contract`` (its class name)
+    or of a struct with the same fields (the trainer's columnar sample decoding checks the
+    sequences itself, in bulk)."""
+    name = contract
     max_id = limits.max_id_length
     for f in _ID_FIELDS[name]:
         v = getattr(event, f)
@@ -278,8 +293,9 @@ def _check_limits(event: Any, limits: Any) -> None:
         m = getattr(event, f)
         if m is not None and len(m) > limits.max_fields:
             _check_fields(f, m, limits)
-    if name in ("Impression", "Click"):
-        return
+
+
+def _check_collections(event: Any, limits: Any) -> None:
     if isinstance(event, ScoreRequest):
         if not event.candidates:
             raise ContractError("invalid: candidates is empty")

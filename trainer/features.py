@@ -74,17 +74,20 @@ def _field_key(name: str, value: Any) -> int:
 def hash_field_maps(maps: Sequence[Mapping[str, Any] | None], slots: int, size: int) -> np.ndarray:
     """(B, slots) rows for ``name=value`` features; slot i holds the i-th field by sorted name
     (consistent while the schema is), 0 where absent."""
-    out = np.zeros((len(maps), slots), dtype=np.uint64)
-    present = np.zeros((len(maps), slots), dtype=bool)
+    out = np.zeros(len(maps) * slots, dtype=np.int64)
     if slots == 0:
-        return out.astype(np.int64)
+        return out.reshape(len(maps), 0)
+    at: list[int] = []  # flat positions and keys collected first: one numpy write, not one per field
+    keys: list[int] = []
     for b, m in enumerate(maps):
         if m:
             for i, name in enumerate(sorted(m)[:slots]):
-                out[b, i] = _field_key(name, m[name])
-                present[b, i] = True
-    rows = (_splitmix64(out ^ np.uint64(_SALTS["field"])) % np.uint64(size - 1)).astype(np.int64) + 1
-    return np.where(present, rows, 0)
+                at.append(b * slots + i)
+                keys.append(_field_key(name, m[name]))
+    if keys:
+        k = np.array(keys, dtype=np.uint64)
+        out[at] = (_splitmix64(k ^ np.uint64(_SALTS["field"])) % np.uint64(size - 1)).astype(np.int64) + 1
+    return out.reshape(len(maps), slots)
 
 
 def time_gap_bucket(gap_ms: np.ndarray, buckets: int) -> np.ndarray:
@@ -180,45 +183,77 @@ class _LeftPad:
         B, total = len(lengths), int(lengths.sum())
         self.shape = (B, T)
         offs = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        self.index = (np.repeat(np.arange(B), lengths), np.repeat(T - lengths, lengths) + offs)
+        # one flat index (row * T + column): a single-array scatter is cheaper than a 2-D one
+        self.index = np.repeat(np.arange(B) * T + (T - lengths), lengths) + offs
 
     def __call__(self, flat: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.shape, dtype=flat.dtype)
+        out = np.zeros(self.shape[0] * self.shape[1], dtype=flat.dtype)
         out[self.index] = flat
-        return out
+        return out.reshape(self.shape)
 
 
-def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
-    """Batch from column arrays: ``user_id, item_id, category_id, ts`` (length B), ragged
-    ``hist_item_ids, hist_category_ids, hist_behaviors, hist_ts`` (B lists, oldest first), and
-    optional ``label``, ``counters`` ((B, 4) array in COUNTER_KEYS order or B dicts/None),
-    ``user_profile``, ``context``, ``item_features`` (B dicts/None), ``position`` (B ints/None).
+@dataclass
+class FlatSequences:
+    """A batch's behaviour sequences flattened row after row, oldest first: ``lengths`` (B,) and
+    four columns of ``lengths.sum()`` entries (ids as given, behaviours as codes, times in ms).
+    The trainer's columnar decoding (``trainer/sample_decode.py``) produces this form."""
 
-    Scorers build one user's sequence with many candidates by repeating the user columns.
-    """
-    m, T = settings.model, settings.features.seq_len
-    B = len(cols["item_id"])
+    lengths: np.ndarray
+    items: Any
+    categories: Any
+    behaviors: np.ndarray
+    ts: np.ndarray
+
+    def last(self, T: int) -> "FlatSequences":
+        """Only the most recent ``T`` behaviours of each row."""
+        if not len(self.lengths) or self.lengths.max(initial=0) <= T:
+            return self
+        ends = np.cumsum(self.lengths)
+        from_end = np.repeat(ends, self.lengths) - np.arange(int(ends[-1])) - 1
+        keep = from_end < T
+        return FlatSequences(np.minimum(self.lengths, T), np.asarray(self.items)[keep],
+                             np.asarray(self.categories)[keep], self.behaviors[keep], self.ts[keep])
+
+
+def _flatten(cols: Mapping[str, Any], B: int, T: int) -> FlatSequences:
+    """FlatSequences of the ragged ``hist_*`` lists, cut to the last T (before hashing)."""
     hist_items = cols.get("hist_item_ids") or [[] for _ in range(B)]
     lengths = np.fromiter((len(h) for h in hist_items), dtype=np.int64, count=B)
-    # only the last T behaviours matter: cut before hashing
+
     def flat(name: str) -> list:
         rows = cols.get(name) or [[] for _ in range(B)]
         out: list = []
         for r, n in zip(rows, lengths):
             out.extend(r[-T:] if n > T else r)
         return out
-    keep = np.minimum(lengths, T)
-    pad = _LeftPad(keep, T)
-    f_items, f_cats = flat("hist_item_ids"), flat("hist_category_ids")
-    f_beh, f_ts = flat("hist_behaviors"), flat("hist_ts")
-    hist_item = pad(hash_ids(f_items, m.item_vocab_size, "item") if f_items else np.zeros(0, np.int64))
-    hist_cat = pad(hash_ids(f_cats, m.category_vocab_size, "category") if f_cats else np.zeros(0, np.int64))
-    hist_beh = pad(np.fromiter(map(_BEHAVIOR_CODE.__getitem__, f_beh), dtype=np.int64, count=len(f_beh)))
-    mask = pad(np.ones(len(f_beh), dtype=np.float32))
+    f_beh = flat("hist_behaviors")
+    return FlatSequences(np.minimum(lengths, T), flat("hist_item_ids"), flat("hist_category_ids"),
+                         np.fromiter(map(_BEHAVIOR_CODE.__getitem__, f_beh), dtype=np.int64, count=len(f_beh)),
+                         np.asarray(flat("hist_ts"), dtype=np.int64))
+
+
+def columns_to_batch(cols: Mapping[str, Any], settings: Any) -> Batch:
+    """Batch from column arrays: ``user_id, item_id, category_id, ts`` (length B), ragged
+    ``hist_item_ids, hist_category_ids, hist_behaviors, hist_ts`` (B lists, oldest first) or
+    instead ``sequences`` (a :class:`FlatSequences`), and optional ``label``, ``counters``
+    ((B, 4) array in COUNTER_KEYS order or B dicts/None), ``user_profile``, ``context``,
+    ``item_features`` (B dicts/None), ``position`` (B ints/None).
+
+    Scorers build one user's sequence with many candidates by repeating the user columns.
+    """
+    m, T = settings.model, settings.features.seq_len
+    B = len(cols["item_id"])
+    seq = cols["sequences"].last(T) if cols.get("sequences") is not None else _flatten(cols, B, T)
+    pad = _LeftPad(seq.lengths, T)
+    hist_item = pad(hash_ids(seq.items, m.item_vocab_size, "item") if len(seq.items) else np.zeros(0, np.int64))
+    hist_cat = pad(hash_ids(seq.categories, m.category_vocab_size, "category") if len(seq.categories)
+                   else np.zeros(0, np.int64))
+    hist_beh = pad(seq.behaviors)
+    mask = pad(np.ones(len(seq.behaviors), dtype=np.float32))
     # position = distance from the newest behaviour (0 = newest); padding 0 (masked anyway)
     pos = np.where(mask > 0, (T - 1) - np.arange(T)[None, :], 0).astype(np.int64)
     ts = np.asarray(cols["ts"], dtype=np.int64)
-    hist_ts = pad(np.asarray(f_ts, dtype=np.int64))
+    hist_ts = pad(seq.ts)
     gap = np.where(mask > 0, time_gap_bucket(ts[:, None] - hist_ts, m.time_gap_buckets), 0)
 
     counters = cols.get("counters")

@@ -1,8 +1,9 @@
 """The trainer service: incremental DMR training from the ``samples`` topic.
 
-A background thread consumes, decodes, drops repeated sample ids and assembles fixed-shape
-batches (so the device never waits on Python parsing); the main thread scores each batch first
-(prequential metrics), then learns it. Checkpoints hold model + optimizer + the offsets of what
+A background thread consumes and decodes (column-wise when the whole batch allows it, see
+``trainer/sample_decode.py``; message by message with dead letters otherwise), and on CUDA also
+assembles the fixed-shape batch, so the device never waits on Python parsing; the main thread
+drops repeated sample ids, scores each batch first (prequential metrics), then learns it. Checkpoints hold model + optimizer + the offsets of what
 was learned + metric state + the learned-ids log position, so a restart resumes exactly after the
 last checkpoint: nothing lost, nothing learned twice. Versions are published to the model store
 (full every ``full_every_s``, deltas every ``delta_every_s``) and announced on ``model-updates``.
@@ -29,22 +30,40 @@ from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, wait_f
 from dmrstream.settings import Settings
 from monitoring import metrics
 from trainer.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from trainer.features import Batch, samples_to_batch
+from trainer.features import Batch, columns_to_batch, samples_to_batch
 from trainer.model import build_model, build_optimizers, pick_device, scored_train_step
 from trainer.modelstore import ModelStore, split_delta
 from trainer.progressive import ProgressiveMetrics
+from trainer.sample_decode import DecodedSamples, SampleColumnsDecoder
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ReadyBatch:
-    """Decoded samples of one mini-batch and the offsets that learning them completes."""
+    """One mini-batch and the offsets that learning it completes: its samples decoded message by
+    message (``samples``) or column-wise (``decoded``, see ``trainer/sample_decode.py``)."""
 
-    samples: list[Sample]
+    samples: list[Sample] | None
     offsets: dict[int, int]  # partition -> next offset after this batch's records
     topic_id: str | None = None  # the samples topic those offsets belong to
-    batch: Batch | None = None  # the model input of ``samples``, when the prefetch thread built it
+    batch: Batch | None = None  # the model input, when the prefetch thread built it
+    decoded: DecodedSamples | None = None
+
+    def sample_ids(self) -> list[str]:
+        return self.decoded.sample_ids if self.decoded is not None else [s.sample_id for s in self.samples]
+
+    def event_times(self) -> np.ndarray:
+        if self.decoded is not None:
+            return self.decoded.ts
+        return np.fromiter((s.ts for s in self.samples), dtype=np.int64, count=len(self.samples))
+
+    def model_input(self, settings: Settings) -> Batch:
+        if self.batch is not None:
+            return self.batch
+        if self.decoded is not None:
+            return columns_to_batch(self.decoded.columns, settings)
+        return samples_to_batch(self.samples, settings)
 
 
 class RecentIds:
@@ -132,35 +151,32 @@ class Trainer:
     # -- learning -------------------------------------------------------------------------
     def learn(self, batch: ReadyBatch) -> dict[str, float]:
         """Score the batch (prequential), then learn it; repeats by sample id are dropped."""
-        fresh, ids = [], set()
-        for s in batch.samples:  # repeats: already learned, or twice in this very batch
-            if s.sample_id not in self.recent and s.sample_id not in ids:
-                ids.add(s.sample_id)
-                fresh.append(s)
+        all_ids = batch.sample_ids()
+        keep, seen = [], set()
+        for i, sid in enumerate(all_ids):  # repeats: already learned, or twice in this very batch
+            if sid not in self.recent and sid not in seen:
+                seen.add(sid)
+                keep.append(i)
         stats: dict[str, float] = {}
-        if fresh:
-            if batch.batch is None:
-                b = samples_to_batch(fresh, self.settings)
-            elif len(fresh) == len(batch.samples):
-                b = batch.batch
-            else:  # drop the repeats' rows from the prebuilt input
-                keep = {id(s) for s in fresh}
-                b = batch.batch.slice(np.array([i for i, s in enumerate(batch.samples) if id(s) in keep]))
+        if keep:
+            b, ts, fresh = batch.model_input(self.settings), batch.event_times(), all_ids
+            if len(keep) < len(all_ids):  # drop the repeats' rows
+                idx = np.asarray(keep)
+                b, ts, fresh = b.slice(idx), ts[idx], [all_ids[i] for i in keep]
             on_device = b.to_torch(self.device, non_blocking=self.device.type == "cuda",
                                    pin=self.device.type == "cuda")
             # scored by the weights before this step (prequential), from the training pass itself
             stats, probs = scored_train_step(self.model, self.opts, on_device)
-            ts = np.fromiter((s.ts for s in fresh), dtype=np.int64, count=len(fresh))
             self.metrics.update(probs.cpu().numpy(), b.label, ts)
             self._note_touched()
-            for s in fresh:
-                self.recent.add(s.sample_id)
-            self._log.write("".join(s.sample_id + "\n" for s in fresh).encode())  # one write per batch
+            for sid in fresh:
+                self.recent.add(sid)
+            self._log.write("".join(sid + "\n" for sid in fresh).encode())  # one write per batch
             self.samples_seen += len(fresh)
             self.trained_until_ts = max(self.trained_until_ts, int(ts.max()))
             metrics.TRAINER_SAMPLES.inc(len(fresh))
             metrics.TRAINER_LOSS.set(stats.get("loss", float("nan")))
-        metrics.TRAINER_REPEATS.inc(len(batch.samples) - len(fresh))
+        metrics.TRAINER_REPEATS.inc(len(all_ids) - len(keep))
         if batch.topic_id is not None and batch.topic_id != self.samples_topic_id:
             self.offsets = {}  # a re-created topic: offsets of the old one mean nothing
             self.samples_topic_id = batch.topic_id
@@ -252,6 +268,7 @@ class Prefetcher(threading.Thread):
         self.start_offsets = start_offsets
         self.stop = threading.Event()
         self.codec = Codec(Sample, settings.limits)
+        self.columns = SampleColumnsDecoder(settings.limits)
         self.topic = settings.topics.name("samples")
         self.watch = TopicIdWatch(self.topic, start_topic_id)  # the topic the start offsets belong to
         self.error: BaseException | None = None
@@ -272,7 +289,7 @@ class Prefetcher(threading.Thread):
                 consumer.seek(tp, self.start_offsets[tp.partition])
             else:
                 consumer.seek_to_beginning(tp)
-        pending: list[Sample] = []
+        pending: list = []  # the records of the next batch
         offsets: dict[int, int] = {}
         first_at = None
         while not self.stop.is_set():
@@ -281,23 +298,35 @@ class Prefetcher(threading.Thread):
                 consumer.seek_to_beginning(*parts)
                 offsets = {tp.partition: 0 for tp in parts}
             for tp, recs in records.items():
-                for r in recs:
-                    offsets[tp.partition] = r.offset + 1
-                    try:
-                        pending.append(self.codec.decode(r.value))
-                    except ContractError as e:
-                        metrics.DEAD_LETTERS.labels("trainer", self.topic, metrics.reason_kind(e.reason)).inc()
-                        key, value = dead_letter_of(e.reason, r, "trainer")
-                        producer.send(self.settings.topics.name("dead_letters"), key=key, value=value)
+                if recs:
+                    offsets[tp.partition] = recs[-1].offset + 1
+                    pending.extend(recs)
             if (pending or offsets) and first_at is None:
                 first_at = time.monotonic()
             if first_at is not None and (len(pending) >= self.batch_size
                                          or time.monotonic() - first_at >= self.max_wait_s):
-                built = samples_to_batch(pending, self.settings) if self.build and pending else None
-                self.out.put(ReadyBatch(pending, offsets, self.watch.known, built))
+                self.out.put(self._ready(pending, offsets, producer))
                 pending, offsets, first_at = [], {}, None
         producer.close(timeout=5)
         consumer.close()
+
+    def _ready(self, records: list, offsets: dict[int, int], producer) -> ReadyBatch:
+        """The batch of ``records``: decoded column-wise when every one allows it, else message by
+        message with the bad ones dead-lettered."""
+        decoded = self.columns.decode([r.value for r in records]) if records else None
+        if decoded is not None:
+            built = columns_to_batch(decoded.columns, self.settings) if self.build else None
+            return ReadyBatch(None, offsets, self.watch.known, built, decoded)
+        samples = []
+        for r in records:
+            try:
+                samples.append(self.codec.decode(r.value))
+            except ContractError as e:
+                metrics.DEAD_LETTERS.labels("trainer", self.topic, metrics.reason_kind(e.reason)).inc()
+                key, value = dead_letter_of(e.reason, r, "trainer")
+                producer.send(self.settings.topics.name("dead_letters"), key=key, value=value)
+        built = samples_to_batch(samples, self.settings) if self.build and samples else None
+        return ReadyBatch(samples, offsets, self.watch.known, built)
 
 
 def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_seconds: float | None = None,
