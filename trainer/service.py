@@ -38,6 +38,8 @@ from trainer.sample_decode import DecodedSamples, SampleColumnsDecoder
 
 log = logging.getLogger(__name__)
 
+REPORT_EVERY_S = 1.0  # metrics (gauges, window AUCs) refreshed at most this often
+
 
 @dataclass
 class ReadyBatch:
@@ -348,6 +350,7 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
     pre.start()
     deadline = time.monotonic() + max_seconds if max_seconds else None
     started, learned_at_start = time.perf_counter(), trainer.samples_seen
+    reported_at = float("-inf")
     try:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             if pre.error is not None:
@@ -367,9 +370,12 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
                     log.info("pruned versions %s", removed)
             elif time.monotonic() - trainer.last_checkpoint >= settings.trainer.checkpoint_every_s:
                 trainer.checkpoint()
-            rate = (trainer.samples_seen - learned_at_start) / max(time.perf_counter() - started, 1e-9)
-            metrics.TRAINER_SAMPLES_PER_S.set(rate)
-            trainer.report_metrics()
+            # a report computes window AUCs (~3 ms): once a second, not once per batch
+            if time.monotonic() - reported_at >= REPORT_EVERY_S:
+                rate = (trainer.samples_seen - learned_at_start) / max(time.perf_counter() - started, 1e-9)
+                metrics.TRAINER_SAMPLES_PER_S.set(rate)
+                trainer.report_metrics()
+                reported_at = time.monotonic()
     finally:
         pre.stop.set()
         pre.join(10)
