@@ -1,7 +1,11 @@
 """Streamer benchmark (not a test): events/s of one faust worker through decode + label join +
 feature store (RocksDB) + samples produced, on the local broker, and the processing latency of
 an event (batch received to its samples acknowledged by the broker; the attribution-window wait
-is excluded). Baseline in the same run: a plain kafka-python consumer reading the same topics.
+is excluded). Baselines in the same run: a plain kafka-python consumer reading the same topics,
+the same processing with no Kafka, and the "faust floor": a faust app configured as the
+streamer's whose agent takes the same batches and does nothing with them. The worker runs
+faust's path and the processing on one event-loop thread: the bench shows how busy that thread
+is and how close the worker comes to the two in series.
 
     .venv/bin/python bench/streamer.py [events]
 
@@ -31,7 +35,7 @@ from dmrstream.broker import LocalBroker  # noqa: E402
 from dmrstream.contracts import Click, Impression, encode  # noqa: E402
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
-from streamer.app import create_app  # noqa: E402
+from streamer.app import BATCH_MAX, BATCH_WITHIN_S, create_app, faust_app  # noqa: E402
 
 T0 = 1_700_000_000_000
 
@@ -96,36 +100,89 @@ def raw_consume(settings, total: int) -> float:
     return n / took
 
 
-def run_worker(settings, total: int) -> dict:
-    app = create_app(settings)
+def run_until(app, counted, total: int) -> None:
+    """Run ``app`` in a faust worker until ``counted()`` reaches ``total`` (4 minutes at most)."""
     worker = faust.Worker(app, loglevel="error", quiet=True)
-    streamer = app.streamer
-    marks: dict[str, float] = {}
 
     @app.task
     async def watch():
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            if streamer.events_in and "first" not in marks:
-                marks["first"] = time.perf_counter() - sum(t for t, _ in streamer.batch_times)
-            if streamer.events_in >= total:
-                marks["last"] = time.perf_counter()
-                break
+        while time.monotonic() < deadline and counted() < total:
+            await asyncio.sleep(0.05)
         await worker.stop()
 
     try:
         worker.execute_from_commandline()
     except SystemExit:
         pass
+    # The worker closed its event loop: a later app in this process needs a new one.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+class BatchClock:
+    """Times a run of batches from the end of the first to the end of the last: every batch
+    counted is timed whole, faust collecting it included (the first's collection overlaps the
+    start-up and the group join). Called on the event loop's thread, it also tells how busy
+    that thread was meanwhile (its CPU time over the wall time)."""
+
+    def __init__(self):
+        self.first = self.last = self.cpu_first = self.cpu_last = 0.0
+        self.after_first = 0  # events in the batches after the first
+
+    def batch_done(self, events: int) -> None:
+        self.last, self.cpu_last = time.perf_counter(), time.thread_time()
+        if self.first:
+            self.after_first += events
+        else:
+            self.first, self.cpu_first = self.last, self.cpu_last
+
+    def events_per_s(self) -> float:
+        return self.after_first / (self.last - self.first) if self.after_first else float("nan")
+
+    def loop_busy(self) -> float:
+        return (self.cpu_last - self.cpu_first) / (self.last - self.first) if self.after_first else float("nan")
+
+
+def run_worker(settings, total: int) -> dict:
+    app = create_app(settings)
+    streamer = app.streamer
+    clock = BatchClock()
+    handle = streamer.handle
+
+    async def timed(records):
+        await handle(records)
+        clock.batch_done(len(records))
+
+    streamer.handle = timed  # the agent looks it up per batch
+    run_until(app, lambda: streamer.events_in, total)
     streamer.close()
-    took = marks.get("last", time.perf_counter()) - marks.get("first", 0.0)
     times = np.array([t for t, _ in streamer.batch_times])
     sizes = np.array([n for _, n in streamer.batch_times])
     per_event = np.repeat(times, sizes)  # every event in a batch waits for the whole batch
-    return {"events": streamer.events_in, "samples": streamer.samples_out, "seconds": took,
+    return {"events": streamer.events_in, "samples": streamer.samples_out, "events_per_s": clock.events_per_s(),
+            "loop_busy": clock.loop_busy(),
             "p50_ms": float(np.percentile(per_event, 50) * 1e3), "p99_ms": float(np.percentile(per_event, 99) * 1e3),
             "mean_batch": float(sizes.mean())}
+
+
+def faust_floor(settings, total: int) -> float:
+    """Events/s of a faust app configured as the streamer's (its own consumer group, so from the
+    beginning) whose agent takes the same batches and does nothing with them: faust's
+    per-message path alone, timed as the worker is."""
+    app = faust_app(settings, "floor")
+    inputs = app.topic(settings.topics.name("impressions"), settings.topics.name("clicks"),
+                       key_serializer="raw", value_serializer="raw")
+    clock = BatchClock()
+    seen = [0]
+
+    @app.agent(inputs, name="empty")
+    async def empty(stream):
+        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            seen[0] += len(events)
+            clock.batch_done(len(events))
+
+    run_until(app, lambda: seen[0], total)
+    return clock.events_per_s()
 
 
 def main() -> None:
@@ -142,9 +199,11 @@ def main() -> None:
         total = produce(s, stream)
         produce_s = time.perf_counter() - t
         raw = raw_consume(s, total)
+        floor = faust_floor(s, total)
         w = run_worker(s, total)
         alone = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
-    eps = w["events"] / w["seconds"]
+    eps = w["events_per_s"]
+    serial = 1 / (1 / floor + 1 / alone)  # faust's path and the processing one after the other
     table = Table(title=f"streamer: one faust worker, {total:,} events, 4 partitions, local broker")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -152,8 +211,13 @@ def main() -> None:
         ("events/s through join + store + samples", f"{eps:,.0f}"),
         ("raw kafka-python consume events/s (baseline)", f"{raw:,.0f}"),
         ("worker / raw consume", f"{eps / raw:.2f}"),
+        ("faust floor: empty agent events/s", f"{floor:,.0f}"),
+        ("worker / faust floor", f"{eps / floor:.2f}"),
         ("same processing alone, no Kafka (events/s, 1 partition)", f"{alone:,.0f}"),
         ("worker / processing alone", f"{eps / alone:.2f}"),
+        ("floor and processing in series, 1/(1/floor + 1/alone)", f"{serial:,.0f}"),
+        ("worker / that", f"{eps / serial:.2f}"),
+        ("worker's event-loop thread busy (CPU / wall)", f"{w['loop_busy']:.0%}"),
         ("samples produced", f"{w['samples']:,}"),
         ("processing latency p50 (ms)", f"{w['p50_ms']:.1f}"),
         ("processing latency p99 (ms)", f"{w['p99_ms']:.1f}"),
@@ -165,7 +229,10 @@ def main() -> None:
     console.print(table)
     print(json.dumps({"streamer_events_per_s": round(eps), "raw_consume_events_per_s": round(raw),
                       "streamer_vs_raw_ratio": round(eps / raw, 3),
-                      "processor_alone_events_per_s": round(alone), "streamer_vs_alone_ratio": round(eps / alone, 3), "samples": w["samples"],
+                      "faust_floor_events_per_s": round(floor), "streamer_vs_faust_floor_ratio": round(eps / floor, 3),
+                      "processor_alone_events_per_s": round(alone), "streamer_vs_alone_ratio": round(eps / alone, 3),
+                      "serial_bound_events_per_s": round(serial), "loop_busy_fraction": round(w["loop_busy"], 3),
+                      "samples": w["samples"],
                       "latency_p50_ms": round(w["p50_ms"], 2), "latency_p99_ms": round(w["p99_ms"], 2)}))
 
 

@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import faust
-from kafka.errors import KafkaError
+import mode
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from dmrstream.kafkaio import make_producer, wait_for_broker_at_start
+from dmrstream.kafkaio import wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.processor import BatchResult, PartitionProcessor, Record
@@ -29,6 +33,14 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX = 2000
 BATCH_WITHIN_S = 0.25
+# What a failed delivery raises: aiokafka (a batch not acknowledged within the request timeout,
+# no metadata, a closed producer...) or the socket layer. asyncio.TimeoutError is TimeoutError,
+# an OSError, since Python 3.11.
+DELIVERY_ERRORS = (KafkaError, OSError)
+# As make_producer. lz4 (aiokafka compresses at level 9, on the event loop) costs the worker less
+# than the bench's run-to-run noise on the local broker and saves network and broker bytes on a
+# real cluster.
+PRODUCER_COMPRESSION = "lz4"
 
 
 def faust_broker_options(settings: Settings) -> dict[str, Any]:
@@ -59,18 +71,66 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-class Streamer:
-    """Owns the per-partition processors and the producer; the faust agent calls into it."""
+def producer_options(settings: Settings) -> dict[str, Any]:
+    """The streamer's AIOKafkaProducer, configured as :func:`~dmrstream.kafkaio.make_producer`
+    configures kafka-python's (every replica acknowledges, 256 KiB batches, lz4, the same request
+    size limit, no idempotence: see make_producer) and authenticated exactly as the app's faust
+    clients (the same credentials object, converted by faust's own helper). No linger: the
+    streamer hands over complete batches. A batch the broker does not acknowledge is retried
+    until the request timeout; then its future fails and the streamer redoes the batch."""
+    opts = faust_broker_options(settings)
+    return {
+        "bootstrap_servers": settings.kafka.bootstrap_servers.split(","),
+        "client_id": settings.kafka.client_id,
+        **credentials_to_aiokafka_auth(opts.get("broker_credentials")),
+        "acks": "all",
+        "linger_ms": 0,
+        "max_batch_size": 256 * 1024,
+        "compression_type": PRODUCER_COMPRESSION,
+        "max_request_size": max(1_048_576, settings.limits.max_message_bytes + 65_536),
+        "request_timeout_ms": int(opts["broker_request_timeout"] * 1000),
+        "enable_idempotence": False,
+    }
 
-    def __init__(self, settings: Settings, open_store: Callable[[int], Any]):
+
+class Streamer:
+    """Owns the per-partition processors and the producer of samples and dead letters; the faust
+    agent and timer call into it.
+
+    The producer is aiokafka's, used through its batch API: records are grouped per partition
+    into batches built in C, one future per batch. The kafka-python producer it replaces built
+    every record in Python and flushed in an executor thread fighting the event loop for the GIL;
+    faust's own producer (aiokafka too) would cost a coroutine and a future per record, all on the
+    event loop that also runs faust's per-message consumer path. It is a dedicated client, started
+    by :meth:`start` in the worker's event loop before faust's consumer and stopped by
+    :meth:`stop` after the agents (see :func:`create_app`); tests may pass their own."""
+
+    def __init__(self, settings: Settings, open_store: Callable[[int], Any], producer: Any = None):
         self.settings = settings
         self.open_store = open_store
         self.processors: dict[int, PartitionProcessor] = {}
-        self.producer = make_producer(settings)
+        self.producer = producer
+        self._owns_producer = producer is None
+        self._partitioner = DefaultPartitioner()  # murmur2 of the key, as Java and kafka-python
+        # One batch or tick at a time from process to commit: the tick must not join on top of a
+        # batch whose state is not persisted yet, nor persist its changes before that batch's.
+        self._serial = asyncio.Lock()
         self.samples_out = 0
         self.events_in = 0
         # (seconds from batch received to its samples acknowledged, events in it): latency figures
         self.batch_times: deque[tuple[float, int]] = deque(maxlen=100_000)
+
+    async def start(self) -> None:
+        if self.producer is None:
+            self.producer = AIOKafkaProducer(**producer_options(self.settings))
+            await self.producer.start()
+
+    async def stop(self) -> None:
+        """Stop the producer this streamer started, once a batch or tick in progress is done."""
+        async with self._serial:
+            if self._owns_producer and self.producer is not None:
+                producer, self.producer = self.producer, None
+                await producer.stop()
 
     def processor(self, partition: int) -> PartitionProcessor:
         proc = self.processors.get(partition)
@@ -88,53 +148,132 @@ class Streamer:
                     close()
 
     async def handle(self, records: list[Record]) -> None:
-        """Process a consumed batch partition by partition, produce everything it emits with one
-        flush, and only then persist each partition's state (see ``streamer/processor.py``)."""
+        """Process a consumed batch partition by partition, produce everything it emits, wait for
+        the broker's acks of all of it, and only then persist each partition's state (see
+        ``streamer/processor.py``). Returns once the state is persisted: faust acks the batch's
+        offsets after that."""
         by_partition: dict[int, list[Record]] = defaultdict(list)
         for r in records:
             by_partition[r.partition].append(r)
         attempt = 0
-        while True:
-            try:
-                started = time.perf_counter()
-                procs = [(self.processor(p), recs) for p, recs in by_partition.items()]
-                results = [(proc, proc.process(recs)) for proc, recs in procs]
-                await self._deliver(results)
-                took = time.perf_counter() - started
-                metrics.BATCH_SECONDS.observe(took)
-                self.batch_times.append((took, len(records)))
-                self.events_in += len(records)
-                return
-            except (KafkaError, OSError) as e:
-                # The joins ran ahead in memory: drop them, rebuild from what was persisted and
-                # redo the batch (the stores ignore the repeats). Back off, never spin.
-                attempt += 1
-                log.warning("partitions %s: delivery failed (%s); retry %d", sorted(by_partition), e, attempt)
-                self.release(set(by_partition))
-                await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+        async with self._serial:
+            while True:
+                try:
+                    started = time.perf_counter()
+                    procs = [(self.processor(p), recs) for p, recs in by_partition.items()]
+                    results = [(proc, proc.process(recs)) for proc, recs in procs]
+                    await self._deliver(results)
+                    took = time.perf_counter() - started
+                    metrics.BATCH_SECONDS.observe(took)
+                    self.batch_times.append((took, len(records)))
+                    self.events_in += len(records)
+                    return
+                except DELIVERY_ERRORS as e:
+                    # The joins ran ahead in memory: drop them, rebuild from what was persisted and
+                    # redo the batch (the stores ignore the repeats). Back off, never spin.
+                    attempt += 1
+                    log.warning("partitions %s: delivery failed (%r); retry %d", sorted(by_partition), e, attempt)
+                    self.release(set(by_partition))
+                    await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
 
     async def tick(self) -> None:
-        results = [(proc, proc.tick(self.settings.join.idle_input_s)) for proc in list(self.processors.values())]
-        await self._deliver([(proc, r) for proc, r in results if r.messages or r.state_changes])
+        """Idle-input detection on every partition held (see ``PartitionProcessor.tick``). A failed
+        delivery drops the in-memory changes; a later tick derives them again."""
+        async with self._serial:
+            if self.producer is None:  # stopped (or not started yet)
+                return
+            results = [(proc, proc.tick(self.settings.join.idle_input_s)) for proc in list(self.processors.values())]
+            results = [(proc, r) for proc, r in results if r.messages or r.state_changes]
+            try:
+                await self._deliver(results)
+            except DELIVERY_ERRORS as e:
+                log.warning("idle-input tick: delivery failed (%r); partitions reopened", e)
+                self.release({proc.partition for proc, _ in results})
 
     async def _deliver(self, results: list[tuple[PartitionProcessor, BatchResult]]) -> None:
-        futures = [self.producer.send(topic, key=key, value=value)
-                   for _, result in results for topic, key, value in result.messages]
-        if futures:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.producer.flush)
-            for f in futures:
-                f.get(timeout=0)  # raises if the broker refused: the batch is then redelivered
-            out = Counter(topic for _, result in results for topic, _, _ in result.messages)
-            for topic, n in out.items():
+        """Produce every message of ``results``, wait until the broker acknowledged all of them,
+        then persist each partition's state. Raises the first delivery error, nothing persisted."""
+        messages = [m for _, result in results for m in result.messages]
+        if messages:
+            await self._send_all(messages)
+            for topic, n in Counter(topic for topic, _, _ in messages).items():
                 metrics.EVENTS_OUT.labels("streamer", topic).inc(n)
         for proc, result in results:
             proc.commit(result)
             self.samples_out += result.samples
 
+    async def _send_all(self, messages: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Send ``messages`` in record batches, one per partition (more when one fills up), to the
+        partitions the default partitioner picks; wait for every batch's outcome, not just up to
+        the first failure, so nothing of a failed attempt is still in flight when it is redone."""
+        producer = self.producer
+        if producer is None:
+            raise KafkaError("the streamer's producer is not running")
+        partitions = {t: sorted(await producer.partitions_for(t)) for t in {t for t, _, _ in messages}}
+        batches: dict[tuple[str, int], Any] = {}
+        futures: list[asyncio.Future] = []
+        try:
+            for topic, key, value in messages:
+                parts = partitions[topic]
+                part = self._partitioner(key, parts, parts)
+                batch = batches.get((topic, part))
+                if batch is None:
+                    batch = batches[(topic, part)] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
+                    futures.append(await producer.send_batch(batch, topic, partition=part))
+                    batch = batches[(topic, part)] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any size
+            for (topic, part), batch in batches.items():
+                futures.append(await producer.send_batch(batch, topic, partition=part))
+        except BaseException:
+            for f in futures:  # this attempt is abandoned: its failures are expected, not news
+                f.add_done_callback(_retrieve)
+            raise
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None:
+            raise failed
+
     def close(self) -> None:
+        """Close the partitions' stores (the producer is stopped by :meth:`stop`)."""
         self.release(set(self.processors))
-        self.producer.close(timeout=5)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class _StreamerProducer(mode.Service):
+    """Starts and stops the streamer's producer with the faust app."""
+
+    def __init__(self, streamer: Streamer, **kwargs: Any):
+        self.streamer = streamer
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        await self.streamer.start()
+
+    async def on_stop(self) -> None:
+        await self.streamer.stop()
+
+
+def faust_app(settings: Settings, name: str) -> faust.App:
+    """A faust app (consumer group ``<prefix><name>``) configured as the streamer's; the
+    benchmark's baseline of faust alone is built with it too."""
+    t = settings.topics
+    Path(settings.state_dir, "faust").mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        f"{t.prefix}{name}",
+        store="memory://",  # faust's own tables are unused: state lives in the feature store
+        topic_partitions=t.partitions,
+        topic_allow_declare=False,  # `dmrstream topics create` owns topic layout
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        datadir=str(Path(settings.state_dir) / "faust"),
+        **faust_broker_options(settings),
+    )
 
 
 def create_app(settings: Settings, open_store: Callable[[int], Any] | None = None) -> faust.App:
@@ -146,22 +285,20 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
             return open_partition_store(settings, partition)
 
     t = settings.topics
-    Path(settings.state_dir, "faust").mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        f"{t.prefix}streamer",
-        store="memory://",  # faust's own tables are unused: state lives in the feature store
-        topic_partitions=t.partitions,
-        topic_allow_declare=False,  # `dmrstream topics create` owns topic layout
-        web_enabled=False,
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
-        datadir=str(Path(settings.state_dir) / "faust"),
-        **faust_broker_options(settings),
-    )
+    app = faust_app(settings, "streamer")
     streamer = Streamer(settings, open_store)
+    # A dependency added before the app starts is started before faust's own services (consumer,
+    # agents, timers) and stopped after them, as faust's producer is.
+    app.add_dependency(_StreamerProducer(streamer, loop=app.loop, beacon=app.beacon))
     app.streamer = streamer  # for the CLI and tests
     inputs = app.topic(t.name("impressions"), t.name("clicks"), key_serializer="raw", value_serializer="raw")
 
+    # No overlap of a batch's acknowledgements with the next batch: faust acks a batch's offsets
+    # when the body returns, so the body returns only once the state is persisted. Deferring
+    # faust's acks is supported (Stream.noack_take + Stream.ack), but it would gain nothing here:
+    # the event loop is busy all the time (bench/streamer.py: the worker's time is the faust
+    # floor's plus the processing's), and while the body awaits the broker faust's consumer
+    # already fills the agent's queue with the next batch.
     @app.agent(inputs, name="join")
     async def join(stream):
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
@@ -184,8 +321,7 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     """Run one faust worker until SIGTERM/SIGINT. A broker that is not up yet is waited for first
     (see :func:`~dmrstream.kafkaio.wait_for_broker_at_start`); a signal during that wait returns."""
     metrics.serve_metrics(settings.metrics.streamer_port, settings.metrics.bind)
-    # Before the faust Worker exists, so our own handlers: faust installs its own once it starts
-    # (and the producer in create_app is the first Kafka client).
+    # Before the faust Worker exists, so our own handlers: faust installs its own once it starts.
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
