@@ -99,19 +99,20 @@ class PartitionStore:
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, events: Iterable[Impression | Click], *, offsets: Mapping[tuple[str, int], int] | None = None,
-              extra_puts: Mapping[bytes, bytes] | None = None, extra_deletes: Iterable[bytes] | None = None
-              ) -> dict[str, int]:
+              extra_puts: Mapping[bytes, bytes] | None = None, extra_deletes: Iterable[bytes] | None = None,
+              applied: set[str] | None = None) -> dict[str, int]:
         """Apply behaviour events (``Click``: click/cart/fav/buy) and impressions, and record
         ``offsets`` ({(topic, partition): next offset}) and the caller's ``extra_puts`` /
         ``extra_deletes`` (its own keys, stored under a reserved prefix), all in one atomic
         write. Events already applied change nothing. Returns tallies: behaviours, impressions
-        (newly applied), duplicates, too_old, rejected (not an event this store understands)."""
+        (newly applied), duplicates, too_old, rejected (not an event this store understands).
+        ``applied`` receives the ids of the events newly applied (what the counters now count)."""
         out = logic.Outcome()
         by_user = _group_by_user(events, out)
         wb = WriteBatch(raw_mode=True)
         records: list[tuple[bytes, bytes]] = []  # cached after the write succeeds
         if by_user:
-            self._apply_users(by_user, records, out)
+            self._apply_users(by_user, records, out, applied)
         for key, value in records:
             wb.put(key, value)
         for (topic, partition), offset in (offsets or {}).items():
@@ -129,7 +130,8 @@ class PartitionStore:
         """Values of record keys (user, dedupe, item), through the write-through cache."""
         return self._cache.get_many(keys, self._db.get)
 
-    def _apply_users(self, by_user: dict[bytes, list], records: list, out: logic.Outcome) -> None:
+    def _apply_users(self, by_user: dict[bytes, list], records: list, out: logic.Outcome,
+                     applied: set[str] | None = None) -> None:
         keep, points, dedupe_n = self.keep, self.settings.counter_points, self.settings.dedupe_ids_per_user
         ukeys = list(by_user)
         n = len(ukeys)
@@ -145,17 +147,21 @@ class PartitionStore:
             last = last_active(raw_user) if raw_user is not None else -1
             evs = by_user[uk]
             evs.sort(key=_BY_TS)
-            behaviours, imps = [], []
+            behaviours, imps, id_of = [], [], {}
             for ev in evs:
                 if type(ev) is Click:
-                    behaviours.append((ev.ts, ev_hash(ev.event_id), ev.item_id, ev.category_id,
-                                       BEHAVIOR_CODES[ev.behavior]))
+                    h = ev_hash(ev.event_id)
+                    behaviours.append((ev.ts, h, ev.item_id, ev.category_id, BEHAVIOR_CODES[ev.behavior]))
+                    if applied is not None:
+                        id_of[h] = ev.event_id
                 else:
                     imps.append(ev)
             clicked, accepted = [], ()
             if behaviours:
                 accepted = logic.merge_behaviours(user, dd, behaviours, keep, out)
                 out.behaviours += len(accepted)
+                if applied is not None:
+                    applied.update(id_of[b[1]] for b in accepted)
                 for ts, _, item, cat, code in accepted:
                     if code == 1:
                         clicked.append(ts)
@@ -175,6 +181,8 @@ class PartitionStore:
                 for ev in imps:
                     if logic.accept_impression(dd, blob, ts_blob, ev_hash(ev.event_id), ev.ts, out):
                         new_imps.append(ev)
+                        if applied is not None:
+                            applied.add(ev.event_id)
                 logic.trim_impressions(dd, blob, ts_blob, dedupe_n)
                 out.impressions += len(new_imps)
             # Counters in event-time order (imps is sorted; clicks come sorted by (ts, hash)).

@@ -5,8 +5,10 @@ Crash safety with at-least-once delivery, step by step:
 
 1. decoded events wait in the merge (``streamer/reorder.py``) until both inputs reach their event
    time, so the join, counters and sequences see one event-time order whatever the read order;
-2. the join runs in memory over the released events;
-3. behaviour and impression events go to the feature store (idempotent: deduped by event id);
+2. the released behaviour and impression events go to the feature store (idempotent: deduped by
+   event id; its counters are read just before, and only the events it newly applied are added
+   for the impressions that follow them, so a redelivered batch counts nothing twice);
+3. the join runs in memory over the released events;
 4. the caller produces the samples and dead letters and waits for the broker's acks;
 5. only then :meth:`PartitionProcessor.commit` persists the join's and the merge's state changes
    (events still waiting included) in one atomic write;
@@ -42,15 +44,18 @@ _counters_dec = msgspec.msgpack.Decoder(dict[str, float])
 
 class _BatchCounters:
     """Counter increments made earlier in the current batch (read-your-writes for counters),
-    kept with the feature store's own point-in-time counter, so both count alike."""
+    kept with the feature store's own point-in-time counter, so both count alike. Only events
+    the store newly applied with this batch count (``applied``): a redelivered batch's events
+    are already in the store's counters, read before it."""
 
-    def __init__(self, points: int) -> None:
+    def __init__(self, points: int, applied: set[str]) -> None:
         self.points = points
+        self.applied = applied
         self.seen: set[str] = set()
         self.counts: dict[tuple[str, str], list[int]] = {}
 
     def count(self, kind: str, ev: Impression | Click) -> None:
-        if ev.event_id in self.seen:
+        if ev.event_id in self.seen or ev.event_id not in self.applied:
             return
         self.seen.add(ev.event_id)
         for side, ident in (("user", ev.user_id), ("item", ev.item_id)):
@@ -71,7 +76,7 @@ class BehaviourStore(Protocol):
     """What the processor needs from a partition's feature store."""
 
     def apply(self, events: list, *, offsets: dict | None = None, extra_puts: dict | None = None,
-              extra_deletes: Iterable[bytes] | None = None) -> Any: ...
+              extra_deletes: Iterable[bytes] | None = None, applied: set[str] | None = None) -> Any: ...
 
     def get_sequence(self, user_id: Any, as_of: int | None = None) -> list: ...
 
@@ -157,7 +162,11 @@ class PartitionProcessor:
         # with the pending impression, so later events never leak into its sample.
         before = iter(self.store.counters_many([i.user_id for i in impressions], [i.item_id for i in impressions],
                                                [i.ts for i in impressions]) if impressions else ())
-        overlay = _BatchCounters(self.settings.features.counter_points)
+        applied: set[str] = set()
+        if events:
+            with metrics.FEATURESTORE_SECONDS.labels("apply").time():
+                self.store.apply(events, applied=applied)
+        overlay = _BatchCounters(self.settings.features.counter_points, applied)
         outcomes: list[Outcome] = []
         for topic, raw, ev in released:
             if isinstance(ev, Impression):
@@ -169,9 +178,6 @@ class PartitionProcessor:
             elif ev.behavior == "click":
                 overlay.count("clicks", ev)
                 outcomes += self.join.on_click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id, topic)
-        if events:
-            with metrics.FEATURESTORE_SECONDS.labels("apply").time():
-                self.store.apply(events)
         self._emit(outcomes, result)
         result.state_changes = self._drain_changes()
 

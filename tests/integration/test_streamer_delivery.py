@@ -1,7 +1,7 @@
 """The streamer's delivery path (``Streamer.handle``) over the real feature store (RocksDB), with
 a scripted stand-in for aiokafka's producer so that a delivery can be made to fail on cue: a batch
 whose delivery fails is not committed, and its redo emits the samples of a run without the
-failure (same ids, labels, histories; the counters are a known processor bug, marked xfail).
+failure (same ids, labels, histories and counters).
 Also: the producer authenticates as the app's faust clients do."""
 
 from __future__ import annotations
@@ -170,10 +170,10 @@ def test_failed_delivery_is_not_committed_and_is_redone(runs):
         assert all(_without_counters(c) == _without_counters(reference[sid]) for c in copies), sid
 
 
-@pytest.mark.xfail(strict=True, reason="streamer/processor.py: a redone batch's point-in-time counters count "
-                   "the batch's earlier events twice (once from the store, which kept them from the failed "
-                   "attempt, once from the in-batch overlay)")
 def test_redone_samples_have_the_counters_of_the_first_attempt(runs):
+    """A redone batch's events are already in the store: its counters count them once (they
+    counted twice, store and in-batch overlay, before the processor took only newly applied
+    events into the overlay)."""
     clean, faulty, _ = runs
     reference = {sid: copies[0] for sid, copies in _copies(clean.producer.acked).items()}
     for sid, copies in _copies(faulty.producer.acked).items():

@@ -20,8 +20,10 @@ class ReferenceStore:
         self.events: dict[str, Impression | Click] = {}
         self.extra: dict[bytes, bytes] = {}
 
-    def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None):
+    def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None, applied=None):
         for e in events:
+            if e.event_id not in self.events and applied is not None:
+                applied.add(e.event_id)
             self.events.setdefault(e.event_id, e)
         self.extra.update(extra_puts or {})
         for k in extra_deletes or ():
@@ -125,13 +127,19 @@ def test_bad_messages_are_dead_lettered_and_good_ones_still_flow():
 
 def test_crash_before_commit_reemits_the_same_samples_and_after_commit_nothing():
     store = ReferenceStore()
+    # "b" follows "a" and its click for the same user and item: its counters count them
     batch = [rec("impressions", imp("a", 0, req="r")), rec("clicks", clk("c", 5, req="r")),
-             rec("impressions", imp("b", 10, user=2))]
+             rec("impressions", imp("b", 10, req="r2")), rec("clicks", clk("d", 12, req="r2")),
+             rec("impressions", imp("e", 20, user=2))]
     proc = PartitionProcessor(0, store, settings())
     first = proc.process(batch)  # produced, then the process dies before commit
     proc = PartitionProcessor(0, store, settings())  # restart from what was persisted
     again = run(proc, batch)
-    assert [s.sample_id for s in samples_of(again)] == [s.sample_id for s in samples_of(first)] == ["a"]
+    assert [s.sample_id for s in samples_of(first)] == ["a", "b"]
+    b = samples_of(first)[1]
+    assert b.counters == {"user_impressions": 1.0, "user_clicks": 1.0, "item_impressions": 1.0, "item_clicks": 1.0}
+    # the store kept the first attempt's events: nothing may count twice in the redo
+    assert samples_of(again) == samples_of(first)
     proc = PartitionProcessor(0, store, settings())  # crash after commit: redelivery is a no-op
     assert samples_of(run(proc, batch)) == []
 
