@@ -34,8 +34,10 @@ TRAINER_SAMPLES = Counter("dmrstream_trainer_samples_total", "Samples learned (r
 TRAINER_REPEATS = Counter("dmrstream_trainer_repeated_samples_total", "Samples dropped as repeats by id.")
 TRAINER_SAMPLES_PER_S = Gauge("dmrstream_trainer_samples_per_second", "Learning rate since start, samples/s.")
 TRAINER_LOSS = Gauge("dmrstream_trainer_loss", "Training loss of the last batch.")
-TRAINER_QUALITY = Gauge("dmrstream_trainer_progressive", "Prequential metrics: auc_window, auc_cumulative, "
-                        "logloss_window, ctr_predicted_window, ctr_actual_window.", ["metric"])
+TRAINER_QUALITY = Gauge("dmrstream_trainer_progressive", "Prequential metrics: auc_window, auc_cumulative "
+                        "(exact, then from a score histogram: auc_cumulative_tie_bound), logloss_window, "
+                        "ctr_predicted_window, ctr_actual_window, samples, logloss_cumulative, "
+                        "ctr_predicted_cumulative, ctr_actual_cumulative, invalid_scores_cumulative.", ["metric"])
 TRAINER_CHECKPOINTS = Counter("dmrstream_trainer_checkpoints_total", "Checkpoints written.")
 CHECKPOINT_AGE = Gauge("dmrstream_trainer_checkpoint_age_seconds", "Seconds since the last checkpoint.")
 PUBLISH_SECONDS = Histogram("dmrstream_publish_seconds", "Time to publish a model version.", ["kind"],
