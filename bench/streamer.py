@@ -3,7 +3,8 @@ feature store (RocksDB) + samples produced, on the local broker, and the process
 an event (batch received to its samples acknowledged by the broker; the attribution-window wait
 is excluded). Baselines in the same run: a plain kafka-python consumer reading the same topics,
 the same processing with no Kafka, and the "faust floor": a faust app configured as the
-streamer's whose agent takes the same batches and does nothing with them. The worker runs
+streamer's whose agent takes the same batches and does nothing with them (also with faust's own
+per-message hand-over, which streamer/faust_transport.py replaces). The worker runs
 faust's path and the processing on one event-loop thread: the bench shows how busy that thread
 is and how close the worker comes to the two in series.
 
@@ -165,11 +166,12 @@ def run_worker(settings, total: int) -> dict:
             "mean_batch": float(sizes.mean())}
 
 
-def faust_floor(settings, total: int) -> float:
+def faust_floor(settings, total: int, eager_hand_over: bool = True, name: str = "floor") -> float:
     """Events/s of a faust app configured as the streamer's (its own consumer group, so from the
     beginning) whose agent takes the same batches and does nothing with them: faust's
-    per-message path alone, timed as the worker is."""
-    app = faust_app(settings, "floor")
+    per-message path alone, timed as the worker is. ``eager_hand_over=False``: with faust's own
+    hand-over (see streamer/faust_transport.py)."""
+    app = faust_app(settings, name, eager_hand_over)
     inputs = app.topic(settings.topics.name("impressions"), settings.topics.name("clicks"),
                        key_serializer="raw", value_serializer="raw")
     clock = BatchClock()
@@ -200,6 +202,7 @@ def main() -> None:
         produce_s = time.perf_counter() - t
         raw = raw_consume(s, total)
         floor = faust_floor(s, total)
+        stock_floor = faust_floor(s, total, eager_hand_over=False, name="floor-stock")
         w = run_worker(s, total)
         alone = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
     eps = w["events_per_s"]
@@ -211,7 +214,8 @@ def main() -> None:
         ("events/s through join + store + samples", f"{eps:,.0f}"),
         ("raw kafka-python consume events/s (baseline)", f"{raw:,.0f}"),
         ("worker / raw consume", f"{eps / raw:.2f}"),
-        ("faust floor: empty agent events/s", f"{floor:,.0f}"),
+        ("faust floor: empty agent events/s (the streamer's transport)", f"{floor:,.0f}"),
+        ("  the same with faust's own per-message hand-over", f"{stock_floor:,.0f}"),
         ("worker / faust floor", f"{eps / floor:.2f}"),
         ("same processing alone, no Kafka (events/s, 1 partition)", f"{alone:,.0f}"),
         ("worker / processing alone", f"{eps / alone:.2f}"),
@@ -230,6 +234,7 @@ def main() -> None:
     print(json.dumps({"streamer_events_per_s": round(eps), "raw_consume_events_per_s": round(raw),
                       "streamer_vs_raw_ratio": round(eps / raw, 3),
                       "faust_floor_events_per_s": round(floor), "streamer_vs_faust_floor_ratio": round(eps / floor, 3),
+                      "faust_stock_floor_events_per_s": round(stock_floor),
                       "processor_alone_events_per_s": round(alone), "streamer_vs_alone_ratio": round(eps / alone, 3),
                       "serial_bound_events_per_s": round(serial), "loop_busy_fraction": round(w["loop_busy"], 3),
                       "samples": w["samples"],

@@ -27,6 +27,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from dmrstream.kafkaio import wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
+from streamer.faust_transport import EagerHandOverTransport
 from streamer.processor import BatchResult, PartitionProcessor, Record
 
 log = logging.getLogger(__name__)
@@ -258,12 +259,14 @@ class _StreamerProducer(mode.Service):
         await self.streamer.stop()
 
 
-def faust_app(settings: Settings, name: str) -> faust.App:
+def faust_app(settings: Settings, name: str, eager_hand_over: bool = True) -> faust.App:
     """A faust app (consumer group ``<prefix><name>``) configured as the streamer's; the
-    benchmark's baseline of faust alone is built with it too."""
+    benchmark's baseline of faust alone is built with it too. ``eager_hand_over``: faust's
+    aiokafka transport with the cheaper hand-over of ``streamer/faust_transport.py`` (False:
+    faust's own, for comparison)."""
     t = settings.topics
     Path(settings.state_dir, "faust").mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         f"{t.prefix}{name}",
         store="memory://",  # faust's own tables are unused: state lives in the feature store
         topic_partitions=t.partitions,
@@ -274,6 +277,9 @@ def faust_app(settings: Settings, name: str) -> faust.App:
         datadir=str(Path(settings.state_dir) / "faust"),
         **faust_broker_options(settings),
     )
+    if eager_hand_over:  # App.transport's setter: used instead of the one the broker URL names
+        app.transport = EagerHandOverTransport(app.conf.broker_consumer, app, loop=app.loop)
+    return app
 
 
 def create_app(settings: Settings, open_store: Callable[[int], Any] | None = None) -> faust.App:
