@@ -22,7 +22,8 @@ _MAX_INT_ID = (1 << 63) - 1
 IntId = Annotated[int, Meta(ge=0, le=_MAX_INT_ID)]
 StrId = Annotated[str, Meta(min_length=1, max_length=512)]
 Id = Union[IntId, StrId]
-Ts = Annotated[int, Meta(ge=0, le=(1 << 53))]
+MAX_TS = 1 << 53  # event times in ms (and integers JSON readers keep exactly)
+Ts = Annotated[int, Meta(ge=0, le=MAX_TS)]
 FiniteFloat = Annotated[float, Meta(ge=-1e30, le=1e30)]  # also rejects inf; NaN is not JSON
 Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
 Count = Annotated[int, Meta(ge=0, le=(1 << 53))]
@@ -276,11 +277,10 @@ def _check_limits(event: Any, limits: Any) -> None:
     _check_collections(event, limits)
 
 
-def check_field_limits(event: Any, contract: str, limits: Any) -> None:
-    """The deployment bounds of ids, ``ts`` and maps of an event of ``contract`` (its class name)
-    or of a struct with the same fields (the trainer's columnar sample decoding checks the
-    sequences itself, in bulk)."""
-    name = contract
+def check_field_limits(event: Any, name: str, limits: Any) -> None:
+    """The deployment bounds of ids, ``ts`` and maps of an event of the contract ``name`` (its
+    class name) or of a struct with the same fields (the trainer's columnar sample decoding
+    checks the sequences itself, in bulk)."""
     max_id = limits.max_id_length
     for f in _ID_FIELDS[name]:
         v = getattr(event, f)

@@ -205,7 +205,7 @@ SEGMENT_MIN_ROWS = 8
 class _DistinctRowsLookup(torch.autograd.Function):
     """``F.embedding(ids, weight)`` whose gradient is a sparse tensor with one row per distinct
     id: the rows' gradients are summed here (one index_add) instead of emitted once per lookup
-    (B x T rows) that SparseAdam's coalesce then sorts and sums (bench/train_step.py: +10 %)."""
+    (B x T rows) that SparseAdam's coalesce then sorts and sums (bench/train_step.py compares)."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -381,12 +381,10 @@ class DMR(nn.Module):
             parts.append(self.inputs.position_emb(steps))
         return torch.cat(parts, -1)
 
-    def u2i_scores(self, b: Batch, hist: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def u2i_scores(self, b: Batch, hist: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Pre-softmax U2I scores (B, T). Its query is the behaviour type and the position only:
-        with a per-position ``context`` (:meth:`position_context`) the scorer takes its cheaper
-        form (one query per position, not per row and position)."""
-        if context is None:
-            context = self.position_context(b)
+        with a per-position ``context`` (:meth:`position_context`, None when there is none) the
+        scorer takes its cheaper form (one query per position, not per row and position)."""
         if context is not None:
             return self.u2i_scorer.position_query_scores(context, hist)
         return self.u2i_scorer(self._context(b), hist)
@@ -406,7 +404,7 @@ class DMR(nn.Module):
         if hist is None:
             hist = self.inputs(b)["hist"]
         if scores is None:
-            scores = self.u2i_scores(b, hist)
+            scores = self.u2i_scores(b, hist, self.position_context(b))
         prev_mask = b.mask.clone()
         prev_mask[:, -1] = 0
         return self._user_vector(masked_softmax(scores, prev_mask), hist)

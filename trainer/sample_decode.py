@@ -20,14 +20,13 @@ from typing import Any, Sequence
 import msgspec
 import numpy as np
 
-from dmrstream.contracts import Codec, Sample, check_field_limits
+from dmrstream.contracts import MAX_TS, Codec, Sample, check_field_limits
 from trainer.features import BEHAVIOR_CODES, FlatSequences
 
 _SEQUENCE = ("hist_item_ids", "hist_category_ids", "hist_behaviors", "hist_ts")
 _INTS_ONLY = b"0123456789, \t\r\n"  # a JSON array of these is one of non-negative integers
 # numpy's parse saturates at 2^63 - 1: anything from 10^18 up goes to the per-message path
 _INT_LIMIT = 10**18
-_TS_MAX = 1 << 53  # contracts.Ts
 _CODES = {f'"{name}"'.encode(): code for name, code in BEHAVIOR_CODES.items()}
 
 
@@ -56,7 +55,8 @@ class DecodedSamples:
 
 
 class SampleColumnsDecoder:
-    """Decodes a batch of ``samples`` payloads into columns, or returns None (see module doc)."""
+    """Decodes a batch of ``samples`` payloads into columns, or returns None (see module doc);
+    ``codec`` is the per-message decoder with the same limits, for the batches it declines."""
 
     def __init__(self, limits: Any = None):
         self.codec = Codec(Sample, limits)
@@ -96,7 +96,7 @@ class SampleColumnsDecoder:
         if not (np.array_equal(n_items, n_cats) and np.array_equal(n_items, n_ts)
                 and np.array_equal(n_items, n_beh)):
             return None  # columns differ in length
-        if n_items.max(initial=0) > self.limits.max_sequence or (len(times) and times.max() > _TS_MAX):
+        if n_items.max(initial=0) > self.limits.max_sequence or (len(times) and times.max() > MAX_TS):
             return None
         # every behaviour strictly before its impression
         if len(times) and np.any(times >= np.repeat(ts, n_items)):
@@ -112,10 +112,10 @@ def _arrays(raws: list) -> tuple[bytes, np.ndarray] | None:
         b = bytes(r)
         if b[:1] != b"[" or b[-1:] != b"]":
             return None
-        bodies.append(b[1:-1])
-    counts = np.fromiter((b.count(b",") + 1 if b.strip() else 0 for b in bodies), dtype=np.int64,
-                         count=len(bodies))
-    return b",".join(b for b in bodies if b.strip()), counts
+        body = b[1:-1]
+        bodies.append(body if body.strip() else b"")  # "[ ]" holds nothing
+    counts = np.fromiter((b.count(b",") + 1 if b else 0 for b in bodies), dtype=np.int64, count=len(bodies))
+    return b",".join(b for b in bodies if b), counts
 
 
 def _int_column(raws: list) -> tuple[np.ndarray | None, np.ndarray]:

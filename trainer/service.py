@@ -3,10 +3,11 @@
 A background thread consumes and decodes (column-wise when the whole batch allows it, see
 ``trainer/sample_decode.py``; message by message with dead letters otherwise), and on CUDA also
 assembles the fixed-shape batch, so the device never waits on Python parsing; the main thread
-drops repeated sample ids, scores each batch first (prequential metrics), then learns it. Checkpoints hold model + optimizer + the offsets of what
-was learned + metric state + the learned-ids log position, so a restart resumes exactly after the
-last checkpoint: nothing lost, nothing learned twice. Versions are published to the model store
-(full every ``full_every_s``, deltas every ``delta_every_s``) and announced on ``model-updates``.
+drops repeated sample ids, scores each batch first (prequential metrics), then learns it.
+Checkpoints hold model + optimizer + the offsets of what was learned + metric state + the
+learned-ids log position, so a restart resumes exactly after the last checkpoint: nothing lost,
+nothing learned twice. Versions are published to the model store (full every ``full_every_s``,
+deltas every ``delta_every_s``) and announced on ``model-updates``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from dmrstream.contracts import Codec, ContractError, ModelUpdate, Sample, dead_letter_of, encode
+from dmrstream.contracts import ContractError, ModelUpdate, Sample, dead_letter_of, encode
 from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
@@ -269,8 +270,8 @@ class Prefetcher(threading.Thread):
         self.build = build
         self.start_offsets = start_offsets
         self.stop = threading.Event()
-        self.codec = Codec(Sample, settings.limits)
         self.columns = SampleColumnsDecoder(settings.limits)
+        self.codec = self.columns.codec  # message by message, for the batches it declines
         self.topic = settings.topics.name("samples")
         self.watch = TopicIdWatch(self.topic, start_topic_id)  # the topic the start offsets belong to
         self.error: BaseException | None = None

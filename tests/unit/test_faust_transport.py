@@ -25,6 +25,19 @@ def test_the_copied_faust_method_is_unchanged_upstream():
     assert issubclass(EagerHandOverConsumer, Consumer)
 
 
+def test_the_streamer_app_consumes_through_it(tmp_path):
+    """Without this transport the streamer still works, only at half faust's rate: nothing but
+    this check (and the bench) would notice."""
+    from dmrstream.settings import load_settings
+    from streamer.app import create_app, faust_app
+
+    s = load_settings(overrides={"state_dir": str(tmp_path), "kafka.bootstrap_servers": "127.0.0.1:9"})
+    app = create_app(s)
+    assert type(app.transport) is EagerHandOverTransport
+    assert app.transport.Consumer is EagerHandOverConsumer
+    assert type(faust_app(s, "stock", eager_hand_over=False).transport) is not EagerHandOverTransport
+
+
 def _step_then_rest(coro):
     """What the consumer does: one step in place, the rest (if any) awaited in a task."""
     try:

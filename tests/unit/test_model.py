@@ -311,7 +311,7 @@ def test_u2i_with_one_behaviour_type_equals_the_generic_attention(ablate):
     torch.manual_seed(0)
     model = build_model(s, "dmr", ablate)
     hist = model.inputs(b)["hist"]
-    fast, generic = model.u2i_scores(b, hist), model.u2i_scorer(model._context(b), hist)
+    fast, generic = model.u2i_scores(b, hist, model.position_context(b)), model.u2i_scorer(model._context(b), hist)
     real = b.mask > 0
     assert real.sum() > 100 and torch.allclose(fast[real], generic[real], atol=1e-5)
     # the I2I attention's context likewise projected once per position
