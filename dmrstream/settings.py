@@ -84,6 +84,9 @@ class JoinSettings(BaseModel):
     attribution_window_ms: int = Field(30 * 60 * 1000, ge=0)
     allowed_lateness_ms: int = Field(0, ge=0)
     emit_corrections: bool = False
+    # When a clicked impression's sample leaves: at its window's close (every label in impression-time
+    # order, so learning is not biased by positives arriving W ahead of their negatives) or at the click.
+    positives_at: Literal["window_close", "click"] = "window_close"
     # An input silent this long (wall clock) while the other still flows stops holding the
     # watermark back. Long enough to ride out rebalances and upstream pauses.
     idle_input_s: float = Field(30.0, gt=0)

@@ -2,9 +2,12 @@
 
 One :class:`LabelJoin` per partition. An impression waits up to the attribution window ``W`` of
 event time for its click: matched by ``request_id`` when both carry one, else by (user, item) with
-the nearest earlier impression inside ``W``. A match emits label 1 at once; when the watermark
-passes ``ts + W`` with no click, label 0. Clicks for an impression already emitted as 0 are *late*:
-counted and, optionally, emitted as corrections.
+the nearest earlier impression inside ``W``. When the watermark passes ``ts + W``, the impression goes
+out with label 1 if a click matched it, else 0 (``positives_at="window_close"``, the default), so
+samples leave in impression-time order whatever their label. ``positives_at="click"`` emits a
+positive at its click instead: fresher, but a learner then sees every positive up to ``W`` before
+the negatives of the same moment (on MovieLens that costs ~0.005 prequential AUC). Clicks for an
+impression already emitted as 0 are *late*: counted and, optionally, emitted as corrections.
 
 The watermark is the minimum over the inputs (impressions, clicks) of the highest event time seen
 on each, minus the allowed lateness. Taking the minimum, not the overall maximum, keeps a fast
@@ -23,6 +26,7 @@ from typing import Iterable, Literal
 import msgspec
 
 Kind = Literal["positive", "negative", "late_click", "correction"]
+PositivesAt = Literal["window_close", "click"]
 _PENDING, _DONE, _EARLY, _HIGH = b"p/", b"d/", b"e/", b"h/"
 
 
@@ -36,6 +40,7 @@ class Pending(msgspec.Struct, array_like=True):
     request_id: str | None
     raw: bytes
     extra: bytes = b""  # caller's data frozen at arrival (the point-in-time counters)
+    click_ts: int | None = None  # its click, held until the window closes (positives_at="window_close")
 
 
 class Done(msgspec.Struct, array_like=True):
@@ -78,7 +83,11 @@ class LabelJoin:
     """The join state of one partition. Feed events in consumption order; emit what it returns."""
 
     def __init__(self, window_ms: int, lateness_ms: int = 0, emit_corrections: bool = False,
-                 late_horizon_ms: int | None = None, inputs: Iterable[str] = ("impressions", "clicks")):
+                 late_horizon_ms: int | None = None, inputs: Iterable[str] = ("impressions", "clicks"),
+                 positives_at: PositivesAt = "window_close"):
+        if positives_at not in ("window_close", "click"):
+            raise ValueError(f"positives_at must be 'window_close' or 'click', not {positives_at!r}")
+        self.hold_positives = positives_at == "window_close"
         self.window = window_ms
         self.lateness = lateness_ms
         self.emit_corrections = emit_corrections
@@ -129,16 +138,18 @@ class LabelJoin:
         imp = Pending(event_id, str(user_id), str(item_id), ts, request_id, raw, extra)
         click = self._take_early_click(imp)
         out: list[Outcome] = []
-        if click is not None:
+        if click is not None and not self.hold_positives:
             self._finish(imp, 1)
             out.append(Outcome("positive", event_id, ts, raw, click.ts, extra))
         else:
+            imp.click_ts = None if click is None else click.ts
             self._add_pending(imp)
         return out + self._expire()
 
     def on_click(self, event_id: str, user_id: object, item_id: object, ts: int,
                  request_id: str | None, source: str = "clicks") -> list[Outcome]:
-        """A click arrived. Returns a positive, a late click (and correction), or nothing."""
+        """A click arrived. Returns a positive (``positives_at="click"``), a late click (and
+        correction), or nothing; with ``"window_close"`` the match is held until the window closes."""
         self._observe(source, ts)
         user, item = str(user_id), str(item_id)
         target = self._match(user, item, ts, request_id)
@@ -152,6 +163,12 @@ class LabelJoin:
                 self.early[event_id] = e
                 heapq.heappush(self._early_heap, (ts, event_id))
                 self._changes[_EARLY + event_id.encode()] = _enc.encode(e)
+        elif target in self.pending and self.pending[target].click_ts is not None:
+            self.duplicates += 1  # a second click on an impression already clicked, held to its window
+        elif target in self.pending and self.hold_positives:
+            imp = self.pending[target]
+            imp.click_ts = ts
+            self._changes[_PENDING + target.encode()] = _enc.encode(imp)
         elif target in self.pending:
             imp = self.pending.pop(target)
             self._changes[_PENDING + target.encode()] = None
@@ -184,7 +201,8 @@ class LabelJoin:
             if rec.ts <= ts <= rec.ts + self.window:
                 # Nearest earlier impression still waiting; an already labelled one only when
                 # none waits (that is how a late click is recognised).
-                key = (1 if cand in self.pending else 0, rec.ts, cand)
+                waiting = isinstance(rec, Pending) and rec.click_ts is None
+                key = (1 if waiting else 0, rec.ts, cand)
                 if best is None or key > best:
                     best = key
         return best[2] if best else None
@@ -244,8 +262,9 @@ class LabelJoin:
             if imp is None:
                 continue  # labelled by a click already
             self._changes[_PENDING + eid.encode()] = None
-            self._finish(imp, 0)
-            out.append(Outcome("negative", eid, imp.ts, imp.raw, None, imp.extra))
+            label = 0 if imp.click_ts is None else 1
+            self._finish(imp, label)
+            out.append(Outcome("positive" if label else "negative", eid, imp.ts, imp.raw, imp.click_ts, imp.extra))
         while self._done_heap and self._done_heap[0][0] < wm:
             _, eid = heapq.heappop(self._done_heap)
             done = self.done.pop(eid, None)

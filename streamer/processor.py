@@ -121,7 +121,7 @@ class PartitionProcessor:
         self.click_codec = Codec(Click, settings.limits)
         j = settings.join
         self.join = LabelJoin(j.attribution_window_ms, j.allowed_lateness_ms, j.emit_corrections,
-                              inputs=(self.impressions_topic, self.clicks_topic))
+                              inputs=(self.impressions_topic, self.clicks_topic), positives_at=j.positives_at)
         self.join.restore((k[len(JOIN_PREFIX):], v) for k, v in store.iter_extra(JOIN_PREFIX))
         self.merger: EventTimeMerger[Impression | Click] = EventTimeMerger(self.join.inputs)
         self.merger.restore(((k[len(MERGE_PREFIX):], v) for k, v in store.iter_extra(MERGE_PREFIX)), self._decode)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import random
+from functools import partial
+
+import pytest
 
 from streamer.join import LabelJoin
 
 W = 1_000
 T0 = 1_700_000_000_000
+
+
+# The rules below are stated with positives emitted at the click; the default holds them to the
+# window's close, tested against this form at the end.
+AtClick = partial(LabelJoin, positives_at="click")
 
 
 def kinds(outcomes):
@@ -23,7 +31,7 @@ def clk(j, eid, ts, user="u", item="i", req=None):
 
 
 def test_click_inside_window_labels_positive_at_once():
-    j = LabelJoin(W)
+    j = AtClick(W)
     assert imp(j, "a", 0) == []
     out = clk(j, "c", 500)
     assert kinds(out) == [("positive", "a")]
@@ -31,7 +39,7 @@ def test_click_inside_window_labels_positive_at_once():
 
 
 def test_negative_only_once_watermark_passes_ts_plus_window():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "a", 0)
     clk(j, "other", 0, item="x")  # clicks input seen, so the watermark is defined
     assert imp(j, "b", W, item="z") == []  # watermark == ts + W: not passed yet
@@ -41,7 +49,7 @@ def test_negative_only_once_watermark_passes_ts_plus_window():
 
 
 def test_click_after_window_does_not_label_and_is_not_late():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "a", 0)
     out = clk(j, "c", W + 1)
     assert out == [] or all(o.kind == "negative" for o in out)
@@ -50,7 +58,7 @@ def test_click_after_window_does_not_label_and_is_not_late():
 
 def test_late_click_counted_and_corrected_when_enabled():
     for corrections in (False, True):
-        j = LabelJoin(W, emit_corrections=corrections)
+        j = AtClick(W, emit_corrections=corrections)
         imp(j, "a", 0)
         clk(j, "x", 0, item="other")
         # The clicks input runs ahead (watermark = min over inputs), then a late click for "a".
@@ -64,7 +72,7 @@ def test_late_click_counted_and_corrected_when_enabled():
 
 
 def test_request_id_match_beats_user_item_nearest():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "old", 0, req="r-old")
     imp(j, "new", 100, req="r-new")
     assert kinds(clk(j, "c", 200, req="r-old")) == [("positive", "old")]
@@ -72,7 +80,7 @@ def test_request_id_match_beats_user_item_nearest():
 
 
 def test_without_request_id_nearest_earlier_impression_wins():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "first", 0)
     imp(j, "second", 300)
     imp(j, "future", 900)
@@ -82,7 +90,7 @@ def test_without_request_id_nearest_earlier_impression_wins():
 
 
 def test_click_read_before_its_impression_still_labels_it():
-    j = LabelJoin(W)
+    j = AtClick(W)
     assert clk(j, "c", 10, req="r1") == []
     assert kinds(imp(j, "a", 5, req="r1")) == [("positive", "a")]
     assert clk(j, "c-other", 10, item="zz") == []
@@ -90,7 +98,7 @@ def test_click_read_before_its_impression_still_labels_it():
 
 
 def test_redelivered_events_change_nothing():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "a", 0)
     assert kinds(clk(j, "c", 10)) == [("positive", "a")]
     assert imp(j, "a", 0) == []  # redelivered impression
@@ -99,14 +107,14 @@ def test_redelivered_events_change_nothing():
 
 
 def test_users_are_kept_apart():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "a", 0, user="u1")
     assert clk(j, "c", 10, user="u2") == []
     assert "a" in j.pending
 
 
 def test_idle_input_drops_out_of_watermark():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "a", 0)
     clk(j, "x", 0, item="other")
     assert imp(j, "b", 5 * W, item="b") == []  # clicks input stalled at T0: no expiry
@@ -134,12 +142,14 @@ def _events(seed: int, n: int = 400):
     return evs
 
 
-def test_restore_from_persisted_changes_continues_identically():
+@pytest.mark.parametrize("positives_at", ["click", "window_close"])
+def test_restore_from_persisted_changes_continues_identically(positives_at):
+    make = partial(LabelJoin, W, emit_corrections=True, positives_at=positives_at)
     for seed in range(5):
         evs = _events(seed)
-        straight = _random_run(LabelJoin(W, emit_corrections=True), evs)
+        straight = _random_run(make(), evs)
         store: dict[bytes, bytes] = {}
-        j = LabelJoin(W, emit_corrections=True)
+        j = make()
         resumed = []
         for k, ev in enumerate(evs):
             resumed += _random_run(j, [ev])
@@ -149,14 +159,15 @@ def test_restore_from_persisted_changes_continues_identically():
                 else:
                     store[key] = val
             if k % 37 == 0:  # "crash": rebuild the join from what was persisted
-                j = LabelJoin(W, emit_corrections=True)
+                j = make()
                 j.restore(sorted(store.items()))
         assert resumed == straight
 
 
-def test_every_impression_gets_exactly_one_label():
+@pytest.mark.parametrize("positives_at", ["click", "window_close"])
+def test_every_impression_gets_exactly_one_label(positives_at):
     evs = _events(7, 600)
-    j = LabelJoin(W)
+    j = LabelJoin(W, positives_at=positives_at)
     out = _random_run(j, evs)
     out += kinds(j.set_idle("clicks", True))
     # flush: one far-future event on both inputs
@@ -167,8 +178,56 @@ def test_every_impression_gets_exactly_one_label():
 
 
 def test_click_naming_an_unseen_request_waits_for_it_instead_of_labelling_another():
-    j = LabelJoin(W)
+    j = AtClick(W)
     imp(j, "earlier", 0, req="r-earlier")  # same user and item, another request
     assert clk(j, "c", 500, req="r-later") == []  # its own impression is not read yet
     assert "earlier" in j.pending
     assert kinds(imp(j, "later", 400, req="r-later")) == [("positive", "later")]
+
+
+def _flushed(j: LabelJoin, evs) -> list:
+    out = []
+    for kind, args in evs:
+        out += imp(j, *args) if kind == "i" else clk(j, *args)
+    out += j.set_idle("clicks", True)
+    return out + imp(j, "end", 10**9, user="z") + clk(j, "end-c", 10**9, user="zz")
+
+
+def test_default_holds_a_positive_until_its_window_closes():
+    j = LabelJoin(W)
+    imp(j, "a", 0)
+    assert clk(j, "c", 500) == []  # matched, but held
+    assert j.pending["a"].click_ts == T0 + 500
+    assert clk(j, "c", 500) == [] and clk(j, "c2", 600) == []  # redelivered / second click
+    assert j.duplicates == 2
+    assert imp(j, "b", W, item="z") == []  # watermark == ts + W: not passed yet
+    out = clk(j, "x", W + 1, item="y") + imp(j, "d", W + 1, item="z2")
+    assert kinds(out) == [("positive", "a")]
+    assert out[0].raw == b"raw-a" and out[0].click_ts == T0 + 500
+
+
+def test_default_holds_a_positive_whose_click_came_first():
+    j = LabelJoin(W)
+    assert clk(j, "c", 10, req="r1") == []
+    assert imp(j, "a", 5, req="r1") == []
+    out = clk(j, "x", 2 * W, item="y") + imp(j, "b", 2 * W, item="z")
+    assert kinds(out) == [("positive", "a")] and out[0].click_ts == T0 + 10
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_window_close_emits_the_same_outcomes_as_at_click_in_impression_time_order(seed):
+    """Same matches, labels, click times and late clicks in both modes; only the timing differs:
+    held, every label leaves in impression-time order."""
+    evs = _events(seed, 500)
+    at_click = _flushed(AtClick(W, emit_corrections=True), evs)
+    held = _flushed(LabelJoin(W, emit_corrections=True), evs)
+    key = lambda o: (o.kind, o.impression_id, o.click_ts, o.raw)  # noqa: E731
+    assert sorted(map(key, held)) == sorted(map(key, at_click))
+    labels = [o.impression_ts for o in held if o.kind in ("positive", "negative")]
+    assert labels == sorted(labels)
+    assert sum(o.kind == "positive" for o in held) > 20  # the stream really has positives
+
+
+def test_positives_at_rejects_unknown_values():
+    with pytest.raises(ValueError):
+        LabelJoin(W, positives_at="later")

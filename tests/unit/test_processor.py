@@ -55,8 +55,11 @@ class ReferenceStore:
         return sorted((k, v) for k, v in self.extra.items() if k.startswith(prefix))
 
 
-def settings():
-    return load_settings(overrides={"join.attribution_window_ms": W, "topics.prefix": "p."})
+def settings(positives_at="click"):
+    # Most tests state the rules with a positive leaving at its click; the default (held to the
+    # window's close) is tested by the leakage test below and in tests/unit/test_join.py.
+    return load_settings(overrides={"join.attribution_window_ms": W, "topics.prefix": "p.",
+                                    "join.positives_at": positives_at})
 
 
 def rec(topic, ev, offset=0):
@@ -96,6 +99,21 @@ def test_leakage_click_one_second_later_is_not_in_its_own_sample_but_in_the_next
     assert second.hist_item_ids == [10] and second.hist_ts == [T0 + 1_000]
     assert second.counters == {"user_impressions": 1.0, "user_clicks": 1.0, "item_impressions": 0.0,
                                "item_clicks": 0.0}
+
+
+def test_leakage_with_positives_held_to_the_window_close():
+    """The default emits the positive a window later, after more behaviour arrived: its sample
+    still holds only what came strictly before its impression."""
+    proc = PartitionProcessor(0, ReferenceStore(), settings("window_close"))
+    res = run(proc, [rec("impressions", imp("a", 0, req="r1")), rec("clicks", clk("c", 1_000, req="r1")),
+                     rec("impressions", imp("b", 2_000, item=11)), rec("clicks", clk("c2", 3_000, item=11))])
+    assert samples_of(res) == []  # held: no window has closed
+    res = run(proc, [rec("clicks", clk("x", 2 * W + 3_000, item=99)), rec("impressions", imp("z", 2 * W + 3_000, item=98))])
+    first, second = samples_of(res)  # in impression-time order
+    assert (first.sample_id, first.label, second.sample_id, second.label) == ("a", 1, "b", 1)
+    assert first.hist_item_ids == [] and first.counters["user_clicks"] == 0
+    assert second.hist_item_ids == [10] and second.hist_ts == [T0 + 1_000]
+    assert second.counters["user_clicks"] == 1.0
 
 
 def test_same_timestamp_events_never_see_each_other():
