@@ -207,24 +207,31 @@ def test_streamer_dead_letters_hostile_impressions_and_clicks(broker, tmp_path):
                                              "metrics.streamer_port": 0})
     create_topics(s)
     events = good_impressions_and_clicks(500, seed=11)
-    # A tail on every partition, far past the stream: the merge and the join watermark pass every
-    # good impression's window, so each one is settled (the tail impression is clicked: label 1).
+    # A tail on every partition, far past the stream (a clicked impression: label 1), then a flush
+    # further on: the merge and the join watermark pass every good impression's window (the tail's
+    # too), so each one is settled; the flush's own impressions stay pending.
     end = max(e.ts for e in events) + 10 * W
     users = {}
     for u in range(1000, 2000):
         users.setdefault(partition_of(u, parts), u)
         if len(users) == parts:
             break
+    flush = []
     for p, u in users.items():
         events.append(Impression(event_id=f"tail-i{p}", user_id=u, item_id=1, category_id=1, ts=end,
                                  request_id=f"tail-r{p}"))
         events.append(Click(event_id=f"tail-c{p}", user_id=u, item_id=1, category_id=1, ts=end,
                             request_id=f"tail-r{p}"))
+        flush.append(Impression(event_id=f"flush-i{p}", user_id=u, item_id=2, category_id=1, ts=end + 10 * W))
+        flush.append(Click(event_id=f"flush-c{p}", user_id=u, item_id=3, category_id=1, ts=end + 10 * W))
     impressions = [e for e in events if isinstance(e, Impression)]
     clicks = [e for e in events if isinstance(e, Click)]
     key = lambda e: str(e.user_id).encode()  # noqa: E731
     msgs = {"impressions": interleave(impressions, hostile("impressions", N_BAD, seed=1), key, seed=1),
             "clicks": interleave(clicks, hostile("clicks", N_BAD, seed=2), key, seed=2)}
+    for e in flush:  # last on their partitions
+        msgs["impressions" if isinstance(e, Impression) else "clicks"].append(Msg(key(e), encode(e), event=e))
+    clicks += [e for e in flush if isinstance(e, Click)]  # the store holds them too
     log = tmp_path / "streamer.log"
     proc = _start(_cli(s, {"topics.partitions": parts, "join.attribution_window_ms": W},
                        ["streamer", "--metrics-port", "0"]), log)

@@ -133,16 +133,18 @@ def test_roles_started_before_the_broker_proceed_when_it_appears(tmp_path):
         with LocalBroker(port=port, log_file=tmp_path / "tansu.log"):
             create_topics(s, replace_mismatched=True)  # what `dmrstream broker` does on start
 
-            # Streamer: an impression and its click (then a later impression, so the event-time
-            # merge releases the click) come out as a positive sample.
+            # Streamer: an impression and its click come out as a positive sample once later
+            # events on both inputs carry the watermark past its attribution window.
             p = make_producer(s)
             t0 = 1_700_000_000_000
+            later = t0 + s.join.attribution_window_ms + 1000
             for topic, e in [("impressions", Impression(event_id="i1", user_id=7, item_id=3, category_id=1, ts=t0,
                                                         request_id="r1")),
                              ("clicks", Click(event_id="c1", user_id=7, item_id=3, category_id=1, ts=t0 + 500,
                                               request_id="r1")),
                              ("impressions", Impression(event_id="i2", user_id=7, item_id=4, category_id=1,
-                                                        ts=t0 + 1000, request_id="r2"))]:
+                                                        ts=later, request_id="r2")),
+                             ("clicks", Click(event_id="c2", user_id=7, item_id=5, category_id=1, ts=later))]:
                 p.send(s.topics.name(topic), key=b"7", value=encode(e))
             # Trainer: samples to learn (a different id space from the streamer's); it then
             # publishes v1, which the scorer loads before it answers this request.
