@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
@@ -10,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from featurestore import logic
-from featurestore.codec import FormatError, ItemRecord, UserRecord, decode, decode_sequences, unpack_ids
+from featurestore.codec import (BEHAVIOR_NAMES, FormatError, ItemRecord, SequenceView, UserRecord, decode,
+                                decode_sequences, unpack_ids)
 
 _BEHAVIORS = attrgetter("behaviors")
 COUNTER_KEYS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks")
@@ -95,4 +98,31 @@ def counters_dict(raw_user: bytes | None, raw_item: bytes | None, as_of: int | N
         item = decode(ItemRecord, raw_item)
         out["item_impressions"] = float(logic.counter_as_of(item.impressions, as_of))
         out["item_clicks"] = float(logic.counter_as_of(item.clicks, as_of))
+    return out
+
+
+_EMPTY: tuple = ([], [], b"", array("q"))  # an unknown user: only ever sliced, never changed
+
+
+def history_columns(keys: list[bytes], raws: dict[bytes, bytes | None], as_of: list[int], limit: int) -> list[tuple]:
+    """Per (user record key, time): the newest ``limit`` kept behaviours strictly before the time,
+    oldest first, as ``(items, categories, behaviour names, timestamps)`` lists. ``raws`` maps each
+    key to its encoded user record (None: unknown user); each is decoded once."""
+    columns: dict[bytes, tuple] = {}
+    out = []
+    names = BEHAVIOR_NAMES
+    for key, t in zip(keys, as_of):
+        cols = columns.get(key)
+        if cols is None:
+            raw = raws[key]
+            if raw is None:
+                cols = _EMPTY
+            else:
+                view = decode(SequenceView, raw)
+                cols = (unpack_ids(view.items), unpack_ids(view.cats), view.behaviors, array("q", view.ts))
+            columns[key] = cols
+        items, cats, codes, ts = cols
+        end = bisect_left(ts, t)
+        start = end - limit if end > limit else 0
+        out.append((items[start:end], cats[start:end], [names[c] for c in codes[start:end]], ts[start:end].tolist()))
     return out

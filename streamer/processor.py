@@ -34,41 +34,52 @@ from featurestore.logic import counter_add, counter_as_of, empty_counter
 from monitoring import metrics
 from streamer.join import LabelJoin, Outcome
 from streamer.reorder import EventTimeMerger
-from streamer.samples import build_sample
+from streamer.samples import sample_of_columns
 
 JOIN_PREFIX = b"join/"
 MERGE_PREFIX = b"merge/"
 _counters_enc = msgspec.msgpack.Encoder()
 _counters_dec = msgspec.msgpack.Decoder(dict[str, float])
+_impression_dec = msgspec.json.Decoder(Impression)
 
 
 class _BatchCounters:
     """Counter increments made earlier in the current batch (read-your-writes for counters),
     kept with the feature store's own point-in-time counter, so both count alike. Only events
-    the store newly applied with this batch count (``applied``): a redelivered batch's events
-    are already in the store's counters, read before it."""
+    the store newly applied with this batch count (``applied``, consumed here): a redelivered
+    batch's events are already in the store's counters, read before it. Ids are kept as given,
+    so 1 and "1" are different users and items, as in the store."""
+
+    __slots__ = ("points", "applied", "counts")
 
     def __init__(self, points: int, applied: set[str]) -> None:
         self.points = points
         self.applied = applied
-        self.seen: set[str] = set()
-        self.counts: dict[tuple[str, str], list[int]] = {}
+        self.counts: dict[tuple, list[int]] = {}  # (side, kind, id) -> counter
 
     def count(self, kind: str, ev: Impression | Click) -> None:
-        if ev.event_id in self.seen or ev.event_id not in self.applied:
+        applied = self.applied
+        if ev.event_id not in applied:
             return
-        self.seen.add(ev.event_id)
-        for side, ident in (("user", ev.user_id), ("item", ev.item_id)):
-            c = self.counts.setdefault((f"{side}_{kind}", str(ident)), empty_counter())
-            counter_add(c, ev.ts, self.points)
+        applied.discard(ev.event_id)  # counted once, whatever repeats the batch holds
+        counts, points = self.counts, self.points
+        for key in (("user", kind, ev.user_id), ("item", kind, ev.item_id)):
+            c = counts.get(key)
+            if c is None:
+                c = counts[key] = empty_counter()
+            counter_add(c, ev.ts, points)
 
     def add_to(self, counters: dict[str, float], imp: Impression) -> None:
+        counts = self.counts
+        if not counts:
+            return
+        ts = imp.ts
         for side, ident in (("user", imp.user_id), ("item", imp.item_id)):
             for kind in ("impressions", "clicks"):
-                name = f"{side}_{kind}"
-                c = self.counts.get((name, str(ident)))
-                n = counter_as_of(c, imp.ts) if c is not None else 0
+                c = counts.get((side, kind, ident))
+                n = counter_as_of(c, ts) if c is not None else 0
                 if n:
+                    name = f"{side}_{kind}"
                     counters[name] = counters.get(name, 0.0) + n
 
 
@@ -78,7 +89,7 @@ class BehaviourStore(Protocol):
     def apply(self, events: list, *, offsets: dict | None = None, extra_puts: dict | None = None,
               extra_deletes: Iterable[bytes] | None = None, applied: set[str] | None = None) -> Any: ...
 
-    def get_sequence(self, user_id: Any, as_of: int | None = None) -> list: ...
+    def histories_many(self, user_ids: list, as_of: list[int]) -> list[tuple[list, list, list, list]]: ...
 
     def counters_many(self, user_ids: list, item_ids: list, as_of: list[int]) -> list[dict[str, float]]: ...
 
@@ -227,17 +238,28 @@ class PartitionProcessor:
         return (self.imp_codec if topic == self.impressions_topic else self.click_codec).decode(raw)
 
     def _emit(self, outcomes: list[Outcome], result: BatchResult) -> None:
+        """Samples of the labelled impressions: their histories as of each impression in one
+        multi-get (each user decoded once), the impression from the join's copy of its message."""
+        kinds: dict[str, int] = {}
+        todo = []
         for o in outcomes:
-            metrics.JOIN_OUTCOMES.labels(o.kind).inc()
-            if o.kind == "late_click" or o.raw is None:
-                continue
-            imp = self.imp_codec.decode(o.raw)
-            label = 0 if o.kind == "negative" else 1
-            history = self.store.get_sequence(imp.user_id, as_of=imp.ts)
-            counters = _counters_dec.decode(o.extra) if o.extra else None
-            sample = build_sample(imp, label, history, counters, correction=o.kind == "correction")
-            result.messages.append((self.samples_topic, str(imp.user_id).encode(), encode(sample)))
-            result.samples += 1
+            kinds[o.kind] = kinds.get(o.kind, 0) + 1
+            if o.kind != "late_click" and o.raw is not None:
+                todo.append(o)
+        for kind, n in kinds.items():
+            metrics.JOIN_OUTCOMES.labels(kind).inc(n)
+        if not todo:
+            return
+        # The join's raw message passed the codec's checks when it arrived: parse it again
+        # without repeating them (a corrupt persisted one still raises, as before).
+        imps = [_impression_dec.decode(o.raw) for o in todo]
+        histories = self.store.histories_many([i.user_id for i in imps], [i.ts for i in imps])
+        append, topic, dec = result.messages.append, self.samples_topic, _counters_dec.decode
+        for o, imp, history in zip(todo, imps, histories):
+            sample = sample_of_columns(imp, 0 if o.kind == "negative" else 1, history,
+                                       dec(o.extra) if o.extra else None, correction=o.kind == "correction")
+            append((topic, str(imp.user_id).encode(), encode(sample)))
+        result.samples += len(todo)
 
     def _dead(self, result: BatchResult, r: Record, reason: str) -> None:
         metrics.DEAD_LETTERS.labels(self.component, r.topic, metrics.reason_kind(reason)).inc()

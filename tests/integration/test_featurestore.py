@@ -113,6 +113,24 @@ def test_multi_get_arrays_match_get_sequence(tmp_path):
         assert b.lengths.sum() > len(users)  # the check above saw real rows
 
 
+def test_histories_many_equal_get_sequence_column_wise(tmp_path):
+    log = event_log(4, 3000, users=40, items=30)
+    with PartitionStore(tmp_path, small(seq_len=6, extra=4)) as store:
+        store.apply(log)
+        # repeated users (one decode each), unknown ones, int and str spellings of one id
+        users = [e.user_id for e in log[:300:5]] * 2 + ["nobody", 10**9, 7, "7"]
+        rng = np.random.default_rng(1)
+        as_of = [int(t) for t in rng.integers(log[0].ts - 10, log[-1].ts + 2, size=len(users))]
+        for limit in (None, 2, 50):
+            got = store.histories_many(users, as_of, limit=limit)
+            for u, t, cols in zip(users, as_of, got):
+                seq = store.get_sequence(u, as_of=t, limit=limit)
+                assert cols == ([b.item_id for b in seq], [b.category_id for b in seq],
+                                [b.behavior for b in seq], [b.ts for b in seq])
+                assert all(type(c) is list for c in cols)
+        assert sum(len(c[0]) for c in got) > len(users)  # real histories were compared
+
+
 def test_idempotent_batch_changes_no_byte(tmp_path):
     log = event_log(5, 2000, users=20)
     with PartitionStore(tmp_path, small()) as store:

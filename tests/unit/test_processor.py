@@ -34,6 +34,10 @@ class ReferenceStore:
                if isinstance(e, Click) and e.user_id == user_id and (as_of is None or e.ts < as_of)]
         return sorted(seq, key=lambda x: x[3])[-50:]
 
+    def histories_many(self, user_ids, as_of):
+        seqs = [self.get_sequence(u, t) for u, t in zip(user_ids, as_of)]
+        return [tuple([b[k] for b in seq] for k in range(4)) for seq in seqs]
+
     def counters_as_of(self, user_id, item_id, ts):
         out = {"user_impressions": 0.0, "user_clicks": 0.0, "item_impressions": 0.0, "item_clicks": 0.0}
         for e in self.events.values():
