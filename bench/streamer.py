@@ -3,8 +3,9 @@ feature store (RocksDB) + samples produced, on the local broker, and the process
 an event (batch received to its samples acknowledged by the broker; the attribution-window wait
 is excluded). Baselines in the same run: a plain kafka-python consumer reading the same topics,
 the same processing with no Kafka, and the "faust floor": a faust app configured as the
-streamer's whose agent takes the same batches and does nothing with them (also with faust's own
-per-message hand-over, which streamer/faust_transport.py replaces). The worker runs
+streamer's whose loop takes the same batches the same way (whole fetches, streamer/faust_batches.py)
+and does nothing with them; also faust's per-message stream path (an agent's take_events) with
+the eager hand-over of streamer/faust_transport.py and with faust's own. The worker runs
 faust's path and the processing on one event-loop thread: the bench shows how busy that thread
 is and how close the worker comes to the two in series.
 
@@ -37,6 +38,7 @@ from dmrstream.contracts import Click, Impression, encode  # noqa: E402
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
 from streamer.app import BATCH_MAX, BATCH_WITHIN_S, create_app, faust_app  # noqa: E402
+from streamer.faust_batches import FetchBatches  # noqa: E402
 
 T0 = 1_700_000_000_000
 
@@ -166,22 +168,35 @@ def run_worker(settings, total: int) -> dict:
             "mean_batch": float(sizes.mean())}
 
 
-def faust_floor(settings, total: int, eager_hand_over: bool = True, name: str = "floor") -> float:
+def faust_floor(settings, total: int, hand_over: str = "fetches", name: str = "floor") -> float:
     """Events/s of a faust app configured as the streamer's (its own consumer group, so from the
-    beginning) whose agent takes the same batches and does nothing with them: faust's
-    per-message path alone, timed as the worker is. ``eager_hand_over=False``: with faust's own
-    hand-over (see streamer/faust_transport.py)."""
-    app = faust_app(settings, name, eager_hand_over)
+    beginning) whose loop takes the same batches and does nothing with them: faust's path
+    alone, timed as the worker is. ``hand_over``: "fetches", the streamer's (whole fetches, see
+    streamer/faust_batches.py); "eager", an agent's ``take_events`` over faust's per-message
+    stream path with the eager hand-over of streamer/faust_transport.py; "stock", the same with
+    faust's own per-message hand-over."""
+    app = faust_app(settings, name, eager_hand_over=hand_over != "stock")
     inputs = app.topic(settings.topics.name("impressions"), settings.topics.name("clicks"),
                        key_serializer="raw", value_serializer="raw")
     clock = BatchClock()
     seen = [0]
 
-    @app.agent(inputs, name="empty")
-    async def empty(stream):
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            seen[0] += len(events)
-            clock.batch_done(len(events))
+    if hand_over == "fetches":
+        batches = FetchBatches(app, [inputs])
+
+        @app.task
+        async def empty_loop():
+            while True:
+                messages = await batches.take(BATCH_MAX, BATCH_WITHIN_S)
+                seen[0] += len(messages)
+                clock.batch_done(len(messages))
+                batches.ack(messages)
+    else:
+        @app.agent(inputs, name="empty")
+        async def empty(stream):
+            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+                seen[0] += len(events)
+                clock.batch_done(len(events))
 
     run_until(app, lambda: seen[0], total)
     return clock.events_per_s()
@@ -202,7 +217,8 @@ def main() -> None:
         produce_s = time.perf_counter() - t
         raw = raw_consume(s, total)
         floor = faust_floor(s, total)
-        stock_floor = faust_floor(s, total, eager_hand_over=False, name="floor-stock")
+        eager_floor = faust_floor(s, total, hand_over="eager", name="floor-eager")
+        stock_floor = faust_floor(s, total, hand_over="stock", name="floor-stock")
         w = run_worker(s, total)
         alone = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
     eps = w["events_per_s"]
@@ -214,7 +230,8 @@ def main() -> None:
         ("events/s through join + store + samples", f"{eps:,.0f}"),
         ("raw kafka-python consume events/s (baseline)", f"{raw:,.0f}"),
         ("worker / raw consume", f"{eps / raw:.2f}"),
-        ("faust floor: empty agent events/s (the streamer's transport)", f"{floor:,.0f}"),
+        ("faust floor: empty loop, whole fetches (the streamer's path) events/s", f"{floor:,.0f}"),
+        ("  faust's per-message stream path, eager hand-over (take_events)", f"{eager_floor:,.0f}"),
         ("  the same with faust's own per-message hand-over", f"{stock_floor:,.0f}"),
         ("worker / faust floor", f"{eps / floor:.2f}"),
         ("same processing alone, no Kafka (events/s, 1 partition)", f"{alone:,.0f}"),
@@ -234,6 +251,7 @@ def main() -> None:
     print(json.dumps({"streamer_events_per_s": round(eps), "raw_consume_events_per_s": round(raw),
                       "streamer_vs_raw_ratio": round(eps / raw, 3),
                       "faust_floor_events_per_s": round(floor), "streamer_vs_faust_floor_ratio": round(eps / floor, 3),
+                      "faust_eager_floor_events_per_s": round(eager_floor),
                       "faust_stock_floor_events_per_s": round(stock_floor),
                       "processor_alone_events_per_s": round(alone), "streamer_vs_alone_ratio": round(eps / alone, 3),
                       "serial_bound_events_per_s": round(serial), "loop_busy_fraction": round(w["loop_busy"], 3),

@@ -27,6 +27,7 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from dmrstream.kafkaio import wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
+from streamer.faust_batches import FetchBatches
 from streamer.faust_transport import EagerHandOverTransport
 from streamer.processor import BatchResult, PartitionProcessor, Record
 
@@ -298,19 +299,19 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
     app.add_dependency(_StreamerProducer(streamer, loop=app.loop, beacon=app.beacon))
     app.streamer = streamer  # for the CLI and tests
     inputs = app.topic(t.name("impressions"), t.name("clicks"), key_serializer="raw", value_serializer="raw")
+    # Whole fetches instead of faust's per-message stream path (streamer/faust_batches.py): faust
+    # still subscribes, fetches, tracks and commits the offsets; a batch is acked once handled.
+    batches = FetchBatches(app, [inputs])
 
-    # No overlap of a batch's acknowledgements with the next batch: faust acks a batch's offsets
-    # when the body returns, so the body returns only once the state is persisted. Deferring
-    # faust's acks is supported (Stream.noack_take + Stream.ack), but it would gain nothing here:
-    # the event loop is busy all the time (bench/streamer.py: the worker's time is the faust
-    # floor's plus the processing's), and while the body awaits the broker faust's consumer
-    # already fills the agent's queue with the next batch.
-    @app.agent(inputs, name="join")
-    async def join(stream):
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key,
-                              e.message.value) for e in events]
-            await streamer.handle(records)
+    # No overlap of a batch's acknowledgements with the next batch: the loop acks a batch's
+    # offsets when handle returns, so only once the state is persisted. While handle awaits the
+    # broker, faust's consumer already fills the buffer with the next fetches.
+    @app.task
+    async def join():
+        while True:
+            messages = await batches.take(BATCH_MAX, BATCH_WITHIN_S)
+            await streamer.handle([Record(m.topic, m.partition, m.offset, m.key, m.value) for m in messages])
+            batches.ack(messages)
 
     @app.timer(interval=1.0)
     async def idle_inputs():
