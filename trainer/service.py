@@ -39,6 +39,7 @@ from trainer.sample_decode import DecodedSamples, SampleColumnsDecoder
 
 log = logging.getLogger(__name__)
 
+PREFETCH_QUEUE = 8  # decoded batches ready ahead of the optimizer
 REPORT_EVERY_S = 1.0  # metrics (gauges, window AUCs) refreshed at most this often
 
 
@@ -308,10 +309,19 @@ class Prefetcher(threading.Thread):
                 first_at = time.monotonic()
             if first_at is not None and (len(pending) >= self.batch_size
                                          or time.monotonic() - first_at >= self.max_wait_s):
-                self.out.put(self._ready(pending, offsets, producer))
+                self._hand_over(self._ready(pending, offsets, producer))
                 pending, offsets, first_at = [], {}, None
         producer.close(timeout=5)
         consumer.close()
+
+    def _hand_over(self, batch: ReadyBatch) -> None:
+        # a bounded wait: a stop must not hang on a full queue whose reader has gone
+        while not self.stop.is_set():
+            try:
+                self.out.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                pass
 
     def _ready(self, records: list, offsets: dict[int, int], producer) -> ReadyBatch:
         """The batch of ``records``: decoded column-wise when every one allows it, else message by
@@ -345,7 +355,7 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
         return trainer
     producer = make_producer(settings)
     updates_topic = settings.topics.name("model_updates")
-    ready: queue.Queue[ReadyBatch] = queue.Queue(maxsize=8)
+    ready: queue.Queue[ReadyBatch] = queue.Queue(maxsize=PREFETCH_QUEUE)
     pre = Prefetcher(settings, trainer.offsets, ready, settings.model.batch_size, settings.trainer.max_wait_ms / 1000,
                      trainer.samples_topic_id, build=trainer.device.type == "cuda")
     pre.start()

@@ -105,3 +105,24 @@ def test_trainer_killed_five_times_learns_every_sample_once(broker, tmp_path):
     last_delta = max((v for v in versions if v.kind == "delta"), key=lambda v: v.version)
     state = store.load(last_delta.version)
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_prefetcher_stops_while_its_queue_is_full():
+    """The optimizer gone (queue full, nobody reading): a stop still ends the hand-over at once,
+    so `dmrstream trainer` does not hang for the thread on shutdown."""
+    import queue
+    import threading
+
+    from trainer.service import Prefetcher
+
+    out: queue.Queue = queue.Queue(maxsize=1)
+    out.put("batch 1")
+    pre = Prefetcher(load_settings(), {}, out, 4, 0.1)
+    handing = threading.Thread(target=pre._hand_over, args=("batch 2",), daemon=True)
+    handing.start()
+    time.sleep(0.3)
+    assert handing.is_alive()  # waits while the queue is full and no stop is asked
+    pre.stop.set()
+    handing.join(2)
+    assert not handing.is_alive()
+    assert out.get_nowait() == "batch 1" and out.empty()
