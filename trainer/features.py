@@ -66,7 +66,7 @@ def hash_ids(values: Sequence[Any] | np.ndarray, size: int, kind: str) -> np.nda
     return (h % np.uint64(size - 1)).astype(np.int64) + 1
 
 
-@lru_cache(maxsize=1 << 18)
+@lru_cache(maxsize=1 << 18, typed=True)  # typed: 1, 1.0 and True are equal keys but different features
 def _field_key(name: str, value: Any) -> int:
     return int.from_bytes(blake2b(f"{name}={value}".encode("utf-8"), digest_size=8).digest(), "little")
 

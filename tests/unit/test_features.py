@@ -68,3 +68,17 @@ def test_columns_with_counter_array_equal_samples():
     b2 = columns_to_batch(cols, S)
     for name in ("user", "item", "hist_item", "mask", "hist_position", "hist_gap", "dense"):
         assert np.array_equal(getattr(b1, name), getattr(b2, name)), name
+
+
+def test_field_rows_do_not_depend_on_which_equal_value_came_first():
+    """1, 1.0 and True compare equal in Python but are different feature values ("x=1", "x=1.0",
+    "x=True"): a cache keyed by equality once gave the row of whichever was hashed first."""
+    from trainer.features import _field_key, hash_field_maps
+
+    def rows(order):
+        _field_key.cache_clear()
+        return {repr(v): int(hash_field_maps([{"x": v}], 1, 1 << 20)[0, 0]) for v in order}
+
+    forwards, backwards = rows([1, 1.0, True]), rows([True, 1.0, 1])
+    assert forwards == backwards
+    assert len(set(forwards.values())) == 3
