@@ -37,7 +37,7 @@ from dmrstream.broker import LocalBroker  # noqa: E402
 from dmrstream.contracts import Click, Impression, encode  # noqa: E402
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
-from streamer.app import BATCH_MAX, BATCH_WITHIN_S, create_app, faust_app  # noqa: E402
+from streamer.app import BATCH_MAX, BATCH_WITHIN_S, create_app, faust_app, tune_gc  # noqa: E402
 from streamer.faust_batches import FetchBatches  # noqa: E402
 
 T0 = 1_700_000_000_000
@@ -204,6 +204,7 @@ def faust_floor(settings, total: int, hand_over: str = "fetches", name: str = "f
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 60_000
+    tune_gc()  # as run_worker does in a worker process; for every figure of this run alike
     console = Console()
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as state:
         s = load_settings(overrides={"kafka.bootstrap_servers": broker.bootstrap, "kafka.session_timeout_ms": 6000,

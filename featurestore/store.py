@@ -100,19 +100,22 @@ class PartitionStore:
     # -- writes -----------------------------------------------------------------------------
     def apply(self, events: Iterable[Impression | Click], *, offsets: Mapping[tuple[str, int], int] | None = None,
               extra_puts: Mapping[bytes, bytes] | None = None, extra_deletes: Iterable[bytes] | None = None,
-              applied: set[str] | None = None) -> dict[str, int]:
+              applied: set[str] | None = None, counters_before: dict[int, dict] | None = None) -> dict[str, int]:
         """Apply behaviour events (``Click``: click/cart/fav/buy) and impressions, and record
         ``offsets`` ({(topic, partition): next offset}) and the caller's ``extra_puts`` /
         ``extra_deletes`` (its own keys, stored under a reserved prefix), all in one atomic
         write. Events already applied change nothing. Returns tallies: behaviours, impressions
         (newly applied), duplicates, too_old, rejected (not an event this store understands).
-        ``applied`` receives the ids of the events newly applied (what the counters now count)."""
+        ``applied`` receives the ids of the events newly applied (what the counters now count).
+        ``counters_before[id(impression)]`` receives, for every valid impression in ``events``,
+        the :meth:`counters_as_of` its time as the store held them BEFORE this batch (read from
+        the records this batch decodes anyway: no second read)."""
         out = logic.Outcome()
         by_user = _group_by_user(events, out)
         wb = WriteBatch(raw_mode=True)
         records: list[tuple[bytes, bytes]] = []  # cached after the write succeeds
         if by_user:
-            self._apply_users(by_user, records, out, applied)
+            self._apply_users(by_user, records, out, applied, counters_before)
         for key, value in records:
             wb.put(key, value)
         for (topic, partition), offset in (offsets or {}).items():
@@ -131,7 +134,7 @@ class PartitionStore:
         return self._cache.get_many(keys, self._db.get)
 
     def _apply_users(self, by_user: dict[bytes, list], records: list, out: logic.Outcome,
-                     applied: set[str] | None = None) -> None:
+                     applied: set[str] | None = None, before: dict[int, dict] | None = None) -> None:
         keep, points, dedupe_n = self.keep, self.settings.counter_points, self.settings.dedupe_ids_per_user
         ukeys = list(by_user)
         n = len(ukeys)
@@ -139,7 +142,9 @@ class PartitionStore:
         # raw item id -> [(ts, is_click, category, features)] of the accepted events; keyed by the
         # raw id so that id_bytes runs once per distinct item, not once per event.
         item_events: dict[Any, list] = {}
+        item_queries: list = []  # impressions whose item counters go into ``before``
         ev_hash = event_hash
+        as_of = logic.counter_as_of
         for i, uk in enumerate(ukeys):
             raw_user = raws[i]
             user = decode(UserRecord, raw_user)
@@ -156,6 +161,12 @@ class PartitionStore:
                         id_of[h] = ev.event_id
                 else:
                     imps.append(ev)
+            if before is not None and imps:  # the user's counters before anything changes them
+                for ev in imps:
+                    before[id(ev)] = {"user_impressions": float(as_of(user.impressions, ev.ts)),
+                                      "user_clicks": float(as_of(user.clicks, ev.ts)),
+                                      "item_impressions": 0.0, "item_clicks": 0.0}
+                item_queries += imps
             clicked, accepted = [], ()
             if behaviours:
                 accepted = logic.merge_behaviours(user, dd, behaviours, keep, out)
@@ -205,10 +216,11 @@ class PartitionStore:
             if accepted or new_imps:  # an all-duplicate batch writes nothing
                 records.append((USER + uk, encode(user, last)))
                 records.append((DEDUPE + uk, encode(dd, last)))
-        if item_events:
-            self._apply_items(item_events, records, points)
+        if item_events or item_queries:
+            self._apply_items(item_events, records, points, item_queries, before)
 
-    def _apply_items(self, item_events: dict[Any, list], records: list, points: int) -> None:
+    def _apply_items(self, item_events: dict[Any, list], records: list, points: int,
+                     queries: list = (), before: dict[int, dict] | None = None) -> None:
         by_key: dict[bytes, list] = {}
         for item, rows in item_events.items():
             key = id_bytes(item)
@@ -216,12 +228,29 @@ class PartitionStore:
                 by_key[key].extend(rows)
             else:
                 by_key[key] = rows
+        asked: dict[bytes, list] = {}  # item key -> impressions wanting its counters before
+        for ev in queries:
+            key = id_bytes(ev.item_id)
+            lst = asked.get(key)
+            if lst is None:
+                asked[key] = [ev]
+            else:
+                lst.append(ev)
         ikeys = list(by_key)
+        ikeys += [k for k in asked if k not in by_key]
         raws = self._get_many([ITEM + k for k in ikeys])
+        as_of = logic.counter_as_of
         for key, raw in zip(ikeys, raws):
             item = decode(ItemRecord, raw)
+            if before is not None and key in asked:  # before this batch's rows change them
+                for ev in asked[key]:
+                    c = before[id(ev)]
+                    c["item_impressions"] = float(as_of(item.impressions, ev.ts))
+                    c["item_clicks"] = float(as_of(item.clicks, ev.ts))
+            evs = by_key.get(key)
+            if evs is None:
+                continue  # only asked about: nothing to write
             last = last_active(raw) if raw is not None else -1
-            evs = by_key[key]
             if len(evs) > 1:
                 evs.sort(key=_first)  # stable: equal times keep arrival order
             clicks, imps = [], []

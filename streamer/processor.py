@@ -87,11 +87,10 @@ class BehaviourStore(Protocol):
     """What the processor needs from a partition's feature store."""
 
     def apply(self, events: list, *, offsets: dict | None = None, extra_puts: dict | None = None,
-              extra_deletes: Iterable[bytes] | None = None, applied: set[str] | None = None) -> Any: ...
+              extra_deletes: Iterable[bytes] | None = None, applied: set[str] | None = None,
+              counters_before: dict[int, dict[str, float]] | None = None) -> Any: ...
 
     def histories_many(self, user_ids: list, as_of: list[int]) -> list[tuple[list, list, list, list]]: ...
-
-    def counters_many(self, user_ids: list, item_ids: list, as_of: list[int]) -> list[dict[str, float]]: ...
 
     def iter_extra(self, prefix: bytes) -> Iterable[tuple[bytes, bytes]]: ...
 
@@ -166,22 +165,21 @@ class PartitionProcessor:
     def _handle(self, released: list, result: BatchResult) -> None:
         """Join and store events released in event-time order."""
         events = [ev for _, _, ev in released]
-        impressions = [e for e in events if isinstance(e, Impression)]
-        # Counters as of each impression: the store before these events (one multi-get) plus what
-        # they added earlier, strictly before its timestamp. Every earlier event of both inputs
-        # has been released before (the merge), so the counts do not depend on read order; frozen
-        # with the pending impression, so later events never leak into its sample.
-        before = iter(self.store.counters_many([i.user_id for i in impressions], [i.item_id for i in impressions],
-                                               [i.ts for i in impressions]) if impressions else ())
+        # Counters as of each impression: the store before these events (read by the store while
+        # it applies them: the records it decodes anyway) plus what they added earlier, strictly
+        # before its timestamp. Every earlier event of both inputs has been released before (the
+        # merge), so the counts do not depend on read order; frozen with the pending impression,
+        # so later events never leak into its sample.
+        before: dict[int, dict[str, float]] = {}
         applied: set[str] = set()
         if events:
             with metrics.FEATURESTORE_SECONDS.labels("apply").time():
-                self.store.apply(events, applied=applied)
+                self.store.apply(events, applied=applied, counters_before=before)
         overlay = _BatchCounters(self.settings.features.counter_points, applied)
         outcomes: list[Outcome] = []
         for topic, raw, ev in released:
             if isinstance(ev, Impression):
-                counters = next(before)
+                counters = dict(before[id(ev)])
                 overlay.add_to(counters, ev)
                 overlay.count("impressions", ev)
                 outcomes += self.join.on_impression(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id,

@@ -113,6 +113,25 @@ def test_multi_get_arrays_match_get_sequence(tmp_path):
         assert b.lengths.sum() > len(users)  # the check above saw real rows
 
 
+@given(event_logs(), st.randoms(use_true_random=False))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_counters_before_equal_counters_many_read_before_the_batch(log, rnd):
+    """What apply reports as each impression's counters before the batch is what counters_many
+    read just before it returns, for shuffled logs with repeats (in-batch and across batches)."""
+    with tempfile.TemporaryDirectory() as d, PartitionStore(d, small()) as store:
+        i = 0
+        while i < len(log):
+            batch = log[i:i + rnd.randint(1, 8)]
+            i += len(batch)
+            imps = [e for e in batch if isinstance(e, Impression)]
+            expected = store.counters_many([e.user_id for e in imps], [e.item_id for e in imps], [e.ts for e in imps])
+            got: dict = {}
+            store.apply(batch, counters_before=got)
+            assert [got[id(e)] for e in imps] == expected
+            assert [list(got[id(e)]) for e in imps] == [list(c) for c in expected]  # same key order
+            assert len(got) == len({id(e) for e in imps})  # the log repeats some objects
+
+
 def test_histories_many_equal_get_sequence_column_wise(tmp_path):
     log = event_log(4, 3000, users=40, items=30)
     with PartitionStore(tmp_path, small(seq_len=6, extra=4)) as store:

@@ -190,3 +190,25 @@ def test_producer_authenticates_as_the_faust_clients():
         ("SASL_SSL", "SCRAM-SHA-256", "u", "p")
     assert o["ssl_context"] is not None
     assert (o["acks"], o["enable_idempotence"]) == ("all", False)
+
+
+def test_remembered_key_partitions_follow_partition_changes_and_unkeyed_records_stay_random(tmp_path):
+    """Streamer._send_all remembers murmur2's partition per key: forgotten when the topic's
+    partitions change; a record without a key is spread at random every time, never pinned."""
+    streamer = Streamer(_settings(tmp_path, "cache"), lambda p: None, ScriptedProducer(batch_records=1000))
+    producer = streamer.producer
+
+    async def send(messages):
+        producer.acked.clear()
+        await streamer._send_all(messages)
+        return [part for _, part, _, _ in producer.acked]
+
+    keys = [str(u).encode() for u in range(50)]
+    expected = [(murmur2(k) & 0x7FFFFFFF) % PARTITIONS for k in keys]
+    for _ in range(2):  # computed, then remembered
+        assert sorted(asyncio.run(send([("d.samples", k, b"v") for k in keys]))) == sorted(expected)
+    assert len(streamer._key_partitions["d.samples"]) == 50
+    unkeyed = asyncio.run(send([("d.dead-letters", None, b"v")] * 200))
+    assert set(unkeyed) == set(range(PARTITIONS)) and streamer._key_partitions["d.dead-letters"] == {}
+    cache = streamer._partition_cache({"d.samples": [0, 1, 2]})  # the topic grew a partition
+    assert cache["d.samples"] == {}

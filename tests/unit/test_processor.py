@@ -20,7 +20,12 @@ class ReferenceStore:
         self.events: dict[str, Impression | Click] = {}
         self.extra: dict[bytes, bytes] = {}
 
-    def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None, applied=None):
+    def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None, applied=None,
+              counters_before=None):
+        if counters_before is not None:
+            for e in events:
+                if isinstance(e, Impression):
+                    counters_before[id(e)] = self.counters_as_of(e.user_id, e.item_id, e.ts)
         for e in events:
             if e.event_id not in self.events and applied is not None:
                 applied.add(e.event_id)
