@@ -2,8 +2,9 @@
 
 The demo test's simulated stream (2,000 users, 5,000 items, seed 1, 300 events/s, 110 s) goes
 through the streamer's processor (event-time order, 10 s window, real RocksDB store), and its
-samples, in the order the join emits them (positives at the click, negatives when the window
-closes), are learned prequentially by the demo's model: each batch scored before it is learned.
+samples, in the order the join emits them (with the demo's ``join.positives_at=click``: positives
+at the click, negatives when the window closes; ``POSITIVES_AT=window_close`` in the environment
+for the product default), are learned prequentially by the demo's model: each batch scored before it is learned.
 Compared in the same run: the output/position biases at their own step (`model.bias_learning_rate`
 0.02, the default) against the dense step (what the model had before), and the item-popularity
 baseline over the same impressions.
@@ -14,6 +15,7 @@ baseline over the same impressions.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ from trainer.features import samples_to_batch  # noqa: E402
 from trainer.model import build_model, build_optimizers  # noqa: E402
 
 EVENTS, SAMPLES, WINDOW_MS = 33_000, 19_000, 10_000
+POSITIVES_AT = os.environ.get("POSITIVES_AT", DEMO_SETS["join.positives_at"])  # the demo's, or "window_close"
 # the demo test's model (tests/integration/test_monitoring_pipeline.py SMALL over DEMO_SETS)
 MODEL = {k: v for k, v in DEMO_SETS.items() if k.startswith("model.")} | {
     "model.item_vocab_size": 4096, "model.user_vocab_size": 4096, "model.category_vocab_size": 256,
@@ -51,7 +54,8 @@ def joined_samples(state: str) -> tuple[list[Sample], ReferenceAUCs]:
     ref = ReferenceAUCs(WINDOW_MS)
     for ev in events:
         ref.add(ev)
-    s = load_settings(overrides={"state_dir": state, "topics.prefix": "b.", "join.attribution_window_ms": WINDOW_MS})
+    s = load_settings(overrides={"state_dir": state, "topics.prefix": "b.", "join.attribution_window_ms": WINDOW_MS,
+                                 "join.positives_at": POSITIVES_AT})
     proc = PartitionProcessor(0, open_partition_store(s, 0), s)
     out: list[bytes] = []
     for i in range(0, len(events), 2000):
@@ -82,14 +86,15 @@ def main() -> None:
     popularity = ref.result(until_ts=until).popularity_auc
     configs = {"bias step 0.02 (default)": {}, "bias at the dense step": {"model.bias_learning_rate": MODEL["model.learning_rate"]}}
     runs = {name: [progressive_auc(samples, o, seed) for seed in (0, 1)] for name, o in configs.items()}
-    table = Table(title=f"demo stream: {len(samples):,} samples in emission order, progressive AUC (2 seeds)")
+    table = Table(title=f"demo stream: {len(samples):,} samples in emission order (positives at {POSITIVES_AT}), "
+                        "progressive AUC (2 seeds)")
     table.add_column("model")
     table.add_column("AUC", justify="right")
     for name, v in runs.items():
         table.add_row(name, f"{np.mean(v):.4f} ({v[0]:.4f}, {v[1]:.4f})")
     table.add_row("item popularity, same impressions", f"{popularity:.4f}")
     Console().print(table)
-    print(json.dumps({"samples": len(samples), "auc_bias_step_default": round(float(np.mean(runs["bias step 0.02 (default)"])), 4),
+    print(json.dumps({"samples": len(samples), "positives_at": POSITIVES_AT, "auc_bias_step_default": round(float(np.mean(runs["bias step 0.02 (default)"])), 4),
                       "auc_bias_at_dense_step": round(float(np.mean(runs["bias at the dense step"])), 4),
                       "popularity_auc_same_impressions": round(popularity, 4),
                       "seconds": round(time.perf_counter() - started, 1)}))
