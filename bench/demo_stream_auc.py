@@ -28,7 +28,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmrstream.contracts import Click, Codec, Impression, Sample, encode  # noqa: E402
+from dmrstream.contracts import Codec, Impression, Sample, encode  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
 from featurestore import open_partition_store  # noqa: E402
 from monitoring.demo import DEMO_SETS, EVENTS_PER_SESSION  # noqa: E402
