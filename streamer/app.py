@@ -172,7 +172,8 @@ class Streamer:
         """Process a consumed batch partition by partition, produce everything it emits, wait for
         the broker's acks of all of it, and only then persist each partition's state (see
         ``streamer/processor.py``). Returns once the state is persisted: faust acks the batch's
-        offsets after that."""
+        offsets after that. A record is anything with a :class:`Record`'s attributes (faust's
+        consumer messages are passed as they are)."""
         by_partition: dict[int, list[Record]] = defaultdict(list)
         for r in records:
             by_partition[r.partition].append(r)
@@ -348,7 +349,7 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
     async def join():
         while True:
             messages = await batches.take(BATCH_MAX, BATCH_WITHIN_S)
-            await streamer.handle([Record(m.topic, m.partition, m.offset, m.key, m.value) for m in messages])
+            await streamer.handle(messages)  # faust's messages have a Record's attributes
             batches.ack(messages)
 
     @app.timer(interval=1.0)

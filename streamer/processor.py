@@ -50,37 +50,36 @@ class _BatchCounters:
     batch's events are already in the store's counters, read before it. Ids are kept as given,
     so 1 and "1" are different users and items, as in the store."""
 
-    __slots__ = ("points", "applied", "counts")
+    __slots__ = ("points", "applied", "by_kind")
 
     def __init__(self, points: int, applied: set[str]) -> None:
         self.points = points
         self.applied = applied
-        self.counts: dict[tuple, list[int]] = {}  # (side, kind, id) -> counter
+        # kind -> (user id -> counter, item id -> counter); the kinds in COUNTER_KEYS' order
+        self.by_kind: dict[str, tuple[dict, dict]] = {"impressions": ({}, {}), "clicks": ({}, {})}
 
     def count(self, kind: str, ev: Impression | Click) -> None:
         applied = self.applied
         if ev.event_id not in applied:
             return
         applied.discard(ev.event_id)  # counted once, whatever repeats the batch holds
-        counts, points = self.counts, self.points
-        for key in (("user", kind, ev.user_id), ("item", kind, ev.item_id)):
-            c = counts.get(key)
+        users, items = self.by_kind[kind]
+        for counts, ident in ((users, ev.user_id), (items, ev.item_id)):
+            c = counts.get(ident)
             if c is None:
-                c = counts[key] = empty_counter()
-            counter_add(c, ev.ts, points)
+                c = counts[ident] = empty_counter()
+            counter_add(c, ev.ts, self.points)
 
     def add_to(self, counters: dict[str, float], imp: Impression) -> None:
-        counts = self.counts
-        if not counts:
-            return
         ts = imp.ts
-        for side, ident in (("user", imp.user_id), ("item", imp.item_id)):
-            for kind in ("impressions", "clicks"):
-                c = counts.get((side, kind, ident))
-                n = counter_as_of(c, ts) if c is not None else 0
-                if n:
-                    name = f"{side}_{kind}"
-                    counters[name] = counters.get(name, 0.0) + n
+        for kind, (users, items) in self.by_kind.items():
+            if users:
+                c = users.get(imp.user_id)
+                if c is not None and (n := counter_as_of(c, ts)):
+                    counters["user_" + kind] += n
+                c = items.get(imp.item_id)
+                if c is not None and (n := counter_as_of(c, ts)):
+                    counters["item_" + kind] += n
 
 
 class BehaviourStore(Protocol):
@@ -88,7 +87,8 @@ class BehaviourStore(Protocol):
 
     def apply(self, events: list, *, offsets: dict | None = None, extra_puts: dict | None = None,
               extra_deletes: Iterable[bytes] | None = None, applied: set[str] | None = None,
-              counters_before: dict[int, dict[str, float]] | None = None) -> Any: ...
+              counters_before: dict[int, dict[str, float]] | None = None,
+              extra_changes: dict[bytes, bytes | None] | None = None) -> Any: ...
 
     def histories_many(self, user_ids: list, as_of: list[int]) -> list[tuple[list, list, list, list]]: ...
 
@@ -223,9 +223,7 @@ class PartitionProcessor:
     def commit(self, result: BatchResult) -> None:
         """Persist the join's changes once the batch's messages are acknowledged by the broker."""
         if result.state_changes:
-            puts = {k: v for k, v in result.state_changes.items() if v is not None}
-            deletes = [k for k, v in result.state_changes.items() if v is None]
-            self.store.apply([], extra_puts=puts, extra_deletes=deletes)
+            self.store.apply([], extra_changes=result.state_changes)
         wm = self.join.watermark
         if wm is not None:
             metrics.WATERMARK.labels(str(self.partition)).set(wm)

@@ -170,6 +170,8 @@ def test_offsets_and_caller_state_ride_in_the_same_batch(tmp_path):
         assert store.committed_offsets() == {("t.clicks", 3): 12, ("t.impressions", 3): 7}
         assert list(store.iter_extra(b"join/")) == [(b"join/p/b", b"2")]
         assert store.get_extra(b"other") == b"x"
+        store.apply([], extra_changes={b"join/p/b": None, b"join/p/c": b"3"})  # puts and deletes in one map
+        assert list(store.iter_extra(b"join/")) == [(b"join/p/c", b"3")]
         # Caller keys never show up as users or items.
         assert list(store.user_ids()) == []
 

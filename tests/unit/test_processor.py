@@ -21,7 +21,12 @@ class ReferenceStore:
         self.extra: dict[bytes, bytes] = {}
 
     def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None, applied=None,
-              counters_before=None):
+              counters_before=None, extra_changes=None):
+        for k, v in (extra_changes or {}).items():
+            if v is None:
+                self.extra.pop(k, None)
+            else:
+                self.extra[k] = v
         if counters_before is not None:
             for e in events:
                 if isinstance(e, Impression):
