@@ -113,8 +113,8 @@ def producer_options(settings: Settings) -> dict[str, Any]:
 
 
 class Streamer:
-    """Owns the per-partition processors and the producer of samples and dead letters; the faust
-    agent and timer call into it.
+    """Owns the per-partition processors and the producer of samples and dead letters; the
+    worker's batch loop and timer call into it.
 
     The producer is aiokafka's, used through its batch API: records are grouped per partition
     into batches built in C, one future per batch. The kafka-python producer it replaces built
@@ -122,7 +122,7 @@ class Streamer:
     faust's own producer (aiokafka too) would cost a coroutine and a future per record, all on the
     event loop that also runs faust's per-message consumer path. It is a dedicated client, started
     by :meth:`start` in the worker's event loop before faust's consumer and stopped by
-    :meth:`stop` after the agents (see :func:`create_app`); tests may pass their own."""
+    :meth:`stop` after the batch loop (see :func:`create_app`); tests may pass their own."""
 
     def __init__(self, settings: Settings, open_store: Callable[[int], Any], producer: Any = None):
         self.settings = settings
@@ -342,6 +342,9 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
     # still subscribes, fetches, tracks and commits the offsets; a batch is acked once handled.
     batches = FetchBatches(app, [inputs])
 
+    # An error other than a failed delivery (handle retries those) ends this task and faust
+    # crashes the worker: nothing of the batch is acked, so the restarted worker redoes it
+    # (faust's take_events acked a batch even when the agent's body raised).
     # No overlap of a batch's acknowledgements with the next batch: the loop acks a batch's
     # offsets when handle returns, so only once the state is persisted. While handle awaits the
     # broker, faust's consumer already fills the buffer with the next fetches.
