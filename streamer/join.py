@@ -106,25 +106,33 @@ class LabelJoin:
         self._early_heap: list[tuple[int, str]] = []
         self._changes: dict[bytes, bytes | None] = {}
         self.duplicates = 0
+        self._watermark: int | None = None  # kept current by _observe, set_idle and restore
 
     # -- watermark ------------------------------------------------------------------------
     @property
     def watermark(self) -> int | None:
+        """Minimum over the active inputs of the highest event time seen, minus the lateness."""
+        return self._watermark
+
+    def _update_watermark(self) -> None:
         active = [ts for name, ts in self.high.items() if name not in self.idle]
-        if not active:
-            return None
-        return min(active) - self.lateness
+        self._watermark = min(active) - self.lateness if active else None
 
     def set_idle(self, source: str, idle: bool) -> list[Outcome]:
         """Mark an input idle (excluded from the watermark) or active again."""
         (self.idle.add if idle else self.idle.discard)(source)
+        self._update_watermark()
         return self._expire()
 
     def _observe(self, source: str, ts: int) -> None:
+        # Called for every event: the watermark is recomputed only when an input's mark moves.
         if ts > self.high.get(source, -1):
             self.high[source] = ts
             self._changes[_HIGH + source.encode()] = ts.to_bytes(8, "big", signed=True)
+        elif source not in self.idle:
+            return
         self.idle.discard(source)
+        self._update_watermark()
 
     # -- events ---------------------------------------------------------------------------
     def on_impression(self, event_id: str, user_id: object, item_id: object, ts: int,
@@ -252,9 +260,11 @@ class LabelJoin:
         self._changes[_DONE + imp.event_id.encode()] = _enc.encode(done)
 
     def _expire(self) -> list[Outcome]:
-        wm = self.watermark
-        if wm is None:
-            return []
+        wm = self._watermark
+        if wm is None or not ((self._pending_heap and self._pending_heap[0][0] < wm)
+                              or (self._done_heap and self._done_heap[0][0] < wm)
+                              or (self._early_heap and self._early_heap[0][0] < wm)):
+            return []  # nothing due: the common case, checked before any work
         out: list[Outcome] = []
         while self._pending_heap and self._pending_heap[0][0] < wm:
             _, eid = heapq.heappop(self._pending_heap)
@@ -301,3 +311,4 @@ class LabelJoin:
                 self.early[name] = e
                 heapq.heappush(self._early_heap, (e.ts, name))
         self._changes.clear()
+        self._update_watermark()

@@ -231,3 +231,28 @@ def test_window_close_emits_the_same_outcomes_as_at_click_in_impression_time_ord
 def test_positives_at_rejects_unknown_values():
     with pytest.raises(ValueError):
         LabelJoin(W, positives_at="later")
+
+
+def test_kept_watermark_equals_its_definition_after_every_step():
+    """The watermark is kept current instead of recomputed per event: after every event, idle
+    toggle and restore it is still min over active inputs of the highest time, minus lateness."""
+    rng = random.Random(3)
+    j = LabelJoin(W, lateness_ms=50)
+    store: dict[bytes, bytes] = {}
+
+    def defined(join):
+        active = [t for name, t in join.high.items() if name not in join.idle]
+        return min(active) - join.lateness if active else None
+
+    for k, (kind, args) in enumerate(_events(11, 300)):
+        if rng.random() < 0.05:
+            j.set_idle(rng.choice(["impressions", "clicks"]), rng.random() < 0.5)
+        else:
+            imp(j, *args) if kind == "i" else clk(j, *args)
+        assert j.watermark == defined(j)
+        for key, val in j.drain_changes().items():
+            store.pop(key, None) if val is None else store.__setitem__(key, val)
+        if k % 50 == 49:
+            j = LabelJoin(W, lateness_ms=50)
+            j.restore(sorted(store.items()))
+            assert j.watermark == defined(j)
