@@ -99,13 +99,12 @@ class PartitionStore:
 
     # -- writes -----------------------------------------------------------------------------
     def apply(self, events: Iterable[Impression | Click], *, offsets: Mapping[tuple[str, int], int] | None = None,
-              extra_puts: Mapping[bytes, bytes] | None = None, extra_deletes: Iterable[bytes] | None = None,
-              applied: set[str] | None = None, counters_before: dict[int, dict] | None = None,
-              extra_changes: Mapping[bytes, bytes | None] | None = None) -> dict[str, int]:
+              extra_changes: Mapping[bytes, bytes | None] | None = None, applied: set[str] | None = None,
+              counters_before: dict[int, dict] | None = None) -> dict[str, int]:
         """Apply behaviour events (``Click``: click/cart/fav/buy) and impressions, and record
-        ``offsets`` ({(topic, partition): next offset}) and the caller's ``extra_puts`` /
-        ``extra_deletes`` (its own keys, stored under a reserved prefix; or both as
-        ``extra_changes``, key -> value or None to delete), all in one atomic write. Events already applied change nothing. Returns tallies: behaviours, impressions
+        ``offsets`` ({(topic, partition): next offset}) and the caller's ``extra_changes`` (its own
+        keys, stored under a reserved prefix: key -> value, or None to delete), all in one atomic
+        write. Events already applied change nothing. Returns tallies: behaviours, impressions
         (newly applied), duplicates, too_old, rejected (not an event this store understands).
         ``applied`` receives the ids of the events newly applied (what the counters now count).
         ``counters_before[id(impression)]`` receives, for every valid impression in ``events``,
@@ -121,17 +120,11 @@ class PartitionStore:
             wb.put(key, value)
         for (topic, partition), offset in (offsets or {}).items():
             wb.put(offset_key(topic, partition), pack_int(offset))
-        for key, value in (extra_puts or {}).items():
-            wb.put(EXTRA + key, bytes(value))
-        for key in extra_deletes or ():
-            wb.delete(EXTRA + key)
-        if extra_changes:
-            put, delete = wb.put, wb.delete
-            for key, value in extra_changes.items():
-                if value is None:
-                    delete(EXTRA + key)
-                else:
-                    put(EXTRA + key, value)
+        for key, value in (extra_changes or {}).items():
+            if value is None:
+                wb.delete(EXTRA + key)
+            else:
+                wb.put(EXTRA + key, bytes(value))
         if not wb.is_empty():
             self._db.write(wb, self._write_opt)
             self._cache.put_many(records)
@@ -312,7 +305,7 @@ class PartitionStore:
         return {offset_from_key(k): unpack_int(v) for k, v in self._scan(OFFSET)}
 
     def iter_extra(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """The caller's keys (as given to ``extra_puts``) starting with ``prefix``, in key order."""
+        """The caller's keys (as given to ``apply(extra_changes=)``) starting with ``prefix``, in key order."""
         n = len(EXTRA)
         for k, v in self._scan(EXTRA + prefix):
             yield k[n:], v

@@ -171,17 +171,18 @@ class LabelJoin:
                 self.early[event_id] = e
                 heapq.heappush(self._early_heap, (ts, event_id))
                 self._changes[_EARLY + event_id.encode()] = _enc.encode(e)
-        elif target in self.pending and self.pending[target].click_ts is not None:
-            self.duplicates += 1  # a second click on an impression already clicked, held to its window
-        elif target in self.pending and self.hold_positives:
-            imp = self.pending[target]
-            imp.click_ts = ts
-            self._changes[_PENDING + target.encode()] = _enc.encode(imp)
         elif target in self.pending:
-            imp = self.pending.pop(target)
-            self._changes[_PENDING + target.encode()] = None
-            self._finish(imp, 1)
-            out.append(Outcome("positive", imp.event_id, imp.ts, imp.raw, ts, imp.extra))
+            imp = self.pending[target]
+            if imp.click_ts is not None:
+                self.duplicates += 1  # a second click on an impression already clicked, held to its window
+            elif self.hold_positives:
+                imp.click_ts = ts
+                self._changes[_PENDING + target.encode()] = _enc.encode(imp)
+            else:
+                del self.pending[target]
+                self._changes[_PENDING + target.encode()] = None
+                self._finish(imp, 1)
+                out.append(Outcome("positive", imp.event_id, imp.ts, imp.raw, ts, imp.extra))
         else:
             done = self.done[target]
             if done.label == 0:

@@ -85,10 +85,9 @@ class _BatchCounters:
 class BehaviourStore(Protocol):
     """What the processor needs from a partition's feature store."""
 
-    def apply(self, events: list, *, offsets: dict | None = None, extra_puts: dict | None = None,
-              extra_deletes: Iterable[bytes] | None = None, applied: set[str] | None = None,
-              counters_before: dict[int, dict[str, float]] | None = None,
-              extra_changes: dict[bytes, bytes | None] | None = None) -> Any: ...
+    def apply(self, events: list, *, offsets: dict | None = None,
+              extra_changes: dict[bytes, bytes | None] | None = None, applied: set[str] | None = None,
+              counters_before: dict[int, dict[str, float]] | None = None) -> Any: ...
 
     def histories_many(self, user_ids: list, as_of: list[int]) -> list[tuple[list, list, list, list]]: ...
 

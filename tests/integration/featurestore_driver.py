@@ -27,7 +27,7 @@ def main() -> None:
     while offset < len(log):
         end = min(offset + batch, len(log))
         # The applied-count under the caller's prefix rides in the same batch as the offset.
-        store.apply(log[offset:end], offsets={TOPIC: end}, extra_puts={b"test/applied": str(end).encode()})
+        store.apply(log[offset:end], offsets={TOPIC: end}, extra_changes={b"test/applied": str(end).encode()})
         offset = end
     store.close()
     print("done", flush=True)

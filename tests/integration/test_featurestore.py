@@ -165,8 +165,8 @@ def test_idempotent_batch_changes_no_byte(tmp_path):
 def test_offsets_and_caller_state_ride_in_the_same_batch(tmp_path):
     with PartitionStore(tmp_path, small()) as store:
         store.apply([], offsets={("t.clicks", 3): 10, ("t.impressions", 3): 7},
-                    extra_puts={b"join/p/a": b"1", b"join/p/b": b"2", b"other": b"x"})
-        store.apply([], offsets={("t.clicks", 3): 12}, extra_deletes=[b"join/p/a"])
+                    extra_changes={b"join/p/a": b"1", b"join/p/b": b"2", b"other": b"x"})
+        store.apply([], offsets={("t.clicks", 3): 12}, extra_changes={b"join/p/a": None})
         assert store.committed_offsets() == {("t.clicks", 3): 12, ("t.impressions", 3): 7}
         assert list(store.iter_extra(b"join/")) == [(b"join/p/b", b"2")]
         assert store.get_extra(b"other") == b"x"

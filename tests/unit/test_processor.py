@@ -20,8 +20,7 @@ class ReferenceStore:
         self.events: dict[str, Impression | Click] = {}
         self.extra: dict[bytes, bytes] = {}
 
-    def apply(self, events, *, offsets=None, extra_puts=None, extra_deletes=None, applied=None,
-              counters_before=None, extra_changes=None):
+    def apply(self, events, *, offsets=None, extra_changes=None, applied=None, counters_before=None):
         for k, v in (extra_changes or {}).items():
             if v is None:
                 self.extra.pop(k, None)
@@ -35,9 +34,6 @@ class ReferenceStore:
             if e.event_id not in self.events and applied is not None:
                 applied.add(e.event_id)
             self.events.setdefault(e.event_id, e)
-        self.extra.update(extra_puts or {})
-        for k in extra_deletes or ():
-            self.extra.pop(k, None)
 
     def get_sequence(self, user_id, as_of=None):
         seq = [(e.item_id, e.category_id, e.behavior, e.ts) for e in self.events.values()
@@ -61,9 +57,6 @@ class ReferenceStore:
             if e.item_id == item_id:
                 out[f"item_{kind}"] += 1
         return out
-
-    def counters_many(self, user_ids, item_ids, as_of):
-        return [self.counters_as_of(u, i, t) for u, i, t in zip(user_ids, item_ids, as_of)]
 
     def iter_extra(self, prefix):
         return sorted((k, v) for k, v in self.extra.items() if k.startswith(prefix))
