@@ -17,6 +17,7 @@ The machine is shared (2 cores; the broker, the producer and the worker compete)
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import sys
@@ -222,6 +223,10 @@ def main() -> None:
         stock_floor = faust_floor(s, total, hand_over="stock", name="floor-stock")
         w = run_worker(s, total)
         alone = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
+        tuned = gc.get_threshold()
+        gc.set_threshold(700, 10, 10)  # CPython's defaults: what the worker's GC_THRESHOLDS save
+        alone_default_gc = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone-gc"}), stream)
+        gc.set_threshold(*tuned)
     eps = w["events_per_s"]
     serial = 1 / (1 / floor + 1 / alone)  # faust's path and the processing one after the other
     table = Table(title=f"streamer: one faust worker, {total:,} events, 4 partitions, local broker")
@@ -237,6 +242,7 @@ def main() -> None:
         ("worker / faust floor", f"{eps / floor:.2f}"),
         ("same processing alone, no Kafka (events/s, 1 partition)", f"{alone:,.0f}"),
         ("worker / processing alone", f"{eps / alone:.2f}"),
+        ("  processing alone with CPython's default GC thresholds", f"{alone_default_gc:,.0f}"),
         ("floor and processing in series, 1/(1/floor + 1/alone)", f"{serial:,.0f}"),
         ("worker / that", f"{eps / serial:.2f}"),
         ("worker's event-loop thread busy (CPU / wall)", f"{w['loop_busy']:.0%}"),
@@ -254,7 +260,8 @@ def main() -> None:
                       "faust_floor_events_per_s": round(floor), "streamer_vs_faust_floor_ratio": round(eps / floor, 3),
                       "faust_eager_floor_events_per_s": round(eager_floor),
                       "faust_stock_floor_events_per_s": round(stock_floor),
-                      "processor_alone_events_per_s": round(alone), "streamer_vs_alone_ratio": round(eps / alone, 3),
+                      "processor_alone_events_per_s": round(alone),
+                      "processor_alone_default_gc_events_per_s": round(alone_default_gc), "streamer_vs_alone_ratio": round(eps / alone, 3),
                       "serial_bound_events_per_s": round(serial), "loop_busy_fraction": round(w["loop_busy"], 3),
                       "samples": w["samples"],
                       "latency_p50_ms": round(w["p50_ms"], 2), "latency_p99_ms": round(w["p99_ms"], 2)}))
