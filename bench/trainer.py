@@ -1,6 +1,6 @@
 """Trainer benchmark (not a test): end-to-end samples/s from the Kafka ``samples`` topic to the
-optimizer step (consume, decode, dedupe, batch assembly in the prefetch thread, prequential
-scoring, learning) next to the pure train-step rate at the same shape in the same run, and the
+optimizer step (consume, decode and batch assembly in the prefetch process, hand-over, dedupe,
+prequential scoring, learning) next to the pure train-step rate at the same shape in the same run, and the
 size and time of full vs delta publishes.
 
     .venv/bin/python bench/trainer.py
@@ -8,7 +8,7 @@ size and time of full vs delta publishes.
 Shape: batch 1024, T=50, embedding 32, 2^20-row item tables (as bench/train_step.py).
 2 shared cores: figures are noisy, the ratio is the figure to read. The host's speed drifts by tens
 of percent within minutes, so the two rates are measured in alternating phases (pure steps, then a
-fresh prefetcher from the last learned offsets for end-to-end batches, PHASES times) and compared
+fresh prefetch process from the last learned offsets for end-to-end batches, PHASES times) and compared
 over the same spells; the per-phase ratios are printed too.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import tempfile
 import time
@@ -37,12 +36,14 @@ from dmrstream.kafkaio import create_topics, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
 from train_step import BATCH, DIM, T, make_columns, measure  # noqa: E402
 from trainer.features import columns_to_batch  # noqa: E402
-from trainer.service import PREFETCH_QUEUE, Prefetcher, Trainer  # noqa: E402
+from trainer.prefetch import PREFETCH_QUEUE, Prefetch  # noqa: E402
+from trainer.ready_batch import ReadyBatch, decode_ready, encode_ready  # noqa: E402
+from trainer.service import Trainer  # noqa: E402
 
 PHASES = int(os.environ.get("BENCH_PHASES", "4"))
 PHASE_BATCHES = 10  # end-to-end batches timed per phase
 PHASE_PURE_S = 2.0  # pure steps per phase (about as long as the end-to-end part)
-BATCHES = PHASES * (PHASE_BATCHES + PREFETCH_QUEUE + 2) + 2  # produced: a phase reads up to this many
+BATCHES = PHASES * PHASE_BATCHES + PREFETCH_QUEUE + 4  # produced: each phase learns its own, the last reads ahead
 
 
 def to_samples(cols: dict, offset: int) -> list[Sample]:
@@ -62,8 +63,8 @@ def to_samples(cols: dict, offset: int) -> list[Sample]:
 
 def per_batch_costs(settings, cols: dict) -> dict[str, float]:
     """Milliseconds per batch (best of 5) of what end to end adds around the step: decoding and
-    checking the samples (the prefetch thread) and assembling the model input (the main thread),
-    column-wise (what the trainer does with valid batches) and message by message (its path for
+    checking the samples and assembling the model input (the prefetch process), and receiving the
+    assembled batch's bytes (the trainer's process), column-wise (what the trainer does with valid batches) and message by message (its path for
     a batch holding a bad message, and the one before trainer/sample_decode.py)."""
     from dmrstream.contracts import Codec
     from trainer.features import columns_to_batch, samples_to_batch
@@ -72,6 +73,7 @@ def per_batch_costs(settings, cols: dict) -> dict[str, float]:
     raw = [encode(x) for x in to_samples(cols, 0)]
     codec, columns = Codec(Sample, settings.limits), SampleColumnsDecoder(settings.limits)
     decoded, by_column = [codec.decode(r) for r in raw], columns.decode(raw)
+    wire = encode_ready(ReadyBatch.of_columns(by_column, {0: len(raw)}, settings))
 
     def best(f):
         times = []
@@ -82,34 +84,34 @@ def per_batch_costs(settings, cols: dict) -> dict[str, float]:
         return min(times) * 1000
     return {"decode": best(lambda: columns.decode(raw)),
             "assemble": best(lambda: columns_to_batch(by_column.columns, settings)),
+            "receive": best(lambda: decode_ready(wire)),
             "decode_per_message": best(lambda: [codec.decode(r) for r in raw]),
             "assemble_per_message": best(lambda: samples_to_batch(decoded, settings))}
 
 
 def end_to_end(trainer, s, n_batches: int) -> tuple[int, float]:
-    """Samples learned and seconds for ``n_batches`` batches from Kafka through a new prefetcher
-    started at the trainer's offsets, as `dmrstream trainer` runs. Timed in the steady state of a
-    backlog: the prefetcher has filled its queue first and decodes one batch per step while timed
-    (it runs ahead by the queue's size; timing from an empty queue would charge a phase with up to
-    8 extra decodes). The queue's leftovers are learned untimed afterwards, so nothing is read twice."""
-    ready: queue.Queue = queue.Queue(maxsize=PREFETCH_QUEUE)
-    pre = Prefetcher(s, dict(trainer.offsets), ready, BATCH, s.trainer.max_wait_ms / 1000)
-    pre.start()
+    """Samples learned and seconds for ``n_batches`` batches from Kafka through a new prefetch
+    process started at the trainer's offsets, as `dmrstream trainer` runs. Timed in the steady
+    state of a backlog: the process has filled its queue first and decodes one batch per step while
+    timed (it runs ahead by the queue's size; timing from an empty queue would charge a phase with
+    up to 8 extra decodes). What it read beyond the learned batches is read again by the next phase,
+    from the offsets learned."""
+    pre = Prefetch(s, dict(trainer.offsets), BATCH, s.trainer.max_wait_ms / 1000, trainer.samples_topic_id).start()
     try:
         deadline = time.monotonic() + 120
-        while not ready.full():
-            if time.monotonic() > deadline or pre.error is not None:
-                raise RuntimeError(f"the prefetcher did not fill its queue: {pre.error!r}")
+        while not pre.full():
+            if time.monotonic() > deadline or not pre.process.is_alive():
+                raise RuntimeError(f"the prefetch process did not fill its queue (exit code {pre.process.exitcode})")
             time.sleep(0.01)
-        t0, n0 = time.perf_counter(), trainer.samples_seen
-        for _ in range(n_batches):
-            trainer.learn(ready.get(timeout=30))
+        t0, n0, learned = time.perf_counter(), trainer.samples_seen, 0
+        while learned < n_batches:
+            batch = pre.get(timeout=30)
+            if batch is not None:
+                trainer.learn(batch)
+                learned += 1
         return trainer.samples_seen - n0, time.perf_counter() - t0
     finally:
-        pre.stop.set()
-        pre.join(10)
-        while not ready.empty():  # decoded already: learn them (untimed) rather than read them again
-            trainer.learn(ready.get_nowait())
+        pre.close()
 
 
 def main() -> None:
@@ -166,8 +168,9 @@ def main() -> None:
             ("end to end Kafka -> optimizer samples/s", f"{e2e:,.0f}"),
             ("end to end / pure step", f"{e2e / pure:.2f}  (target >= 0.80)"),
             (f"  per phase ({PHASES} alternating phases)", " ".join(f"{r:.2f}" for r in ratios)),
-            ("per 1024: pure step / decode + check / batch assembly",
-             f"{BATCH / pure * 1e3:,.0f} / {costs['decode']:,.1f} / {costs['assemble']:,.1f} ms"),
+            ("per 1024: pure step / decode + check / assembly / receive",
+             f"{BATCH / pure * 1e3:,.0f} / {costs['decode']:,.1f} / {costs['assemble']:,.1f}"
+             f" / {costs['receive']:,.1f} ms"),
             ("  decode + check / assembly message by message (bad batches)",
              f"{costs['decode_per_message']:,.1f} / {costs['assemble_per_message']:,.1f} ms"),
             ("full publish: size, time", f"{sizes[full.version] / 1e6:,.1f} MB, {full_s * 1e3:,.0f} ms"),

@@ -138,6 +138,9 @@ class TrainerSettings(BaseModel):
     full_every_s: float = 600.0
     keep_versions: int = 50
     metrics_retain_samples: int = Field(2_000_000, ge=1)  # prequential samples kept exactly (older: histogram and sums)
+    # niceness of the prefetch process (trainer/prefetch.py): 19 lets the train step have the cores;
+    # 0 on a host busy with other work, where a niced reader would starve
+    prefetch_nice: int = Field(19, ge=0, le=19)
 
 
 class ScorerSettings(BaseModel):

@@ -1,9 +1,8 @@
 """The trainer service: incremental DMR training from the ``samples`` topic.
 
-A background thread consumes and decodes (column-wise when the whole batch allows it, see
-``trainer/sample_decode.py``; message by message with dead letters otherwise), and on CUDA also
-assembles the fixed-shape batch, so the device never waits on Python parsing; the main thread
-drops repeated sample ids, scores each batch first (prequential metrics), then learns it.
+A child process consumes, decodes and assembles the mini-batches ahead of the optimizer
+(``trainer/prefetch.py``), so the device never waits on Python parsing; this process drops
+repeated sample ids, scores each batch first (prequential metrics), then learns it.
 Checkpoints hold model + optimizer + the offsets of what was learned + metric state + the
 learned-ids log position, so a restart resumes exactly after the last checkpoint: nothing lost,
 nothing learned twice. Versions are published to the model store (full every ``full_every_s``,
@@ -14,60 +13,29 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from dmrstream.contracts import ContractError, ModelUpdate, Sample, dead_letter_of, encode
-from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, wait_for_broker_at_start
+from dmrstream.contracts import ModelUpdate, encode
+from dmrstream.kafkaio import make_producer, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from trainer.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from trainer.features import Batch, columns_to_batch, samples_to_batch
 from trainer.model import build_model, build_optimizers, pick_device, scored_train_step
 from trainer.modelstore import ModelStore, split_delta
+from trainer.prefetch import Prefetch
 from trainer.progressive import ProgressiveMetrics
-from trainer.sample_decode import DecodedSamples, SampleColumnsDecoder
+from trainer.ready_batch import ReadyBatch
 
 log = logging.getLogger(__name__)
 
-PREFETCH_QUEUE = 8  # decoded batches ready ahead of the optimizer
 REPORT_EVERY_S = 1.0  # metrics (gauges, window AUCs) refreshed at most this often
-
-
-@dataclass
-class ReadyBatch:
-    """One mini-batch and the offsets that learning it completes: its samples decoded message by
-    message (``samples``) or column-wise (``decoded``, see ``trainer/sample_decode.py``)."""
-
-    samples: list[Sample] | None
-    offsets: dict[int, int]  # partition -> next offset after this batch's records
-    topic_id: str | None = None  # the samples topic those offsets belong to
-    batch: Batch | None = None  # the model input, when the prefetch thread built it
-    decoded: DecodedSamples | None = None
-
-    def sample_ids(self) -> list[str]:
-        return self.decoded.sample_ids if self.decoded is not None else [s.sample_id for s in self.samples]
-
-    def event_times(self) -> np.ndarray:
-        if self.decoded is not None:
-            return self.decoded.ts
-        return np.fromiter((s.ts for s in self.samples), dtype=np.int64, count=len(self.samples))
-
-    def model_input(self, settings: Settings) -> Batch:
-        if self.batch is not None:
-            return self.batch
-        if self.decoded is not None:
-            return columns_to_batch(self.decoded.columns, settings)
-        return samples_to_batch(self.samples, settings)
 
 
 class RecentIds:
@@ -155,7 +123,7 @@ class Trainer:
     # -- learning -------------------------------------------------------------------------
     def learn(self, batch: ReadyBatch) -> dict[str, float]:
         """Score the batch (prequential), then learn it; repeats by sample id are dropped."""
-        all_ids = batch.sample_ids()
+        all_ids = batch.sample_ids
         keep, seen = [], set()
         for i, sid in enumerate(all_ids):  # repeats: already learned, or twice in this very batch
             if sid not in self.recent and sid not in seen:
@@ -163,7 +131,7 @@ class Trainer:
                 keep.append(i)
         stats: dict[str, float] = {}
         if keep:
-            b, ts, fresh = batch.model_input(self.settings), batch.event_times(), all_ids
+            b, ts, fresh = batch.batch, batch.ts, all_ids
             if len(keep) < len(all_ids):  # drop the repeats' rows
                 idx = np.asarray(keep)
                 b, ts, fresh = b.slice(idx), ts[idx], [all_ids[i] for i in keep]
@@ -257,91 +225,6 @@ class Trainer:
         self._log.close()
 
 
-class Prefetcher(threading.Thread):
-    """Consumes ``samples``, decodes, and hands out mini-batches by size or max wait."""
-
-    def __init__(self, settings: Settings, start_offsets: dict[int, int], out: "queue.Queue[ReadyBatch]",
-                 batch_size: int, max_wait_s: float, start_topic_id: str | None = None, build: bool = False):
-        super().__init__(daemon=True, name="trainer-prefetch")
-        self.settings, self.out = settings, out
-        self.batch_size, self.max_wait_s = batch_size, max_wait_s
-        # Also assemble the model input here (``build``): right when a GPU runs the step, wrong on a
-        # 2-core CPU, where a third busy thread slows torch's two (measured: end-to-end / pure
-        # step 0.54-0.59 with it vs 0.60-0.63 without, before the single-pass scoring).
-        self.build = build
-        self.start_offsets = start_offsets
-        self.stop = threading.Event()
-        self.columns = SampleColumnsDecoder(settings.limits)
-        self.codec = self.columns.codec  # message by message, for the batches it declines
-        self.topic = settings.topics.name("samples")
-        self.watch = TopicIdWatch(self.topic, start_topic_id)  # the topic the start offsets belong to
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # surfaced by the main loop, which exits non-zero
-            self.error = e
-
-    def _run(self) -> None:
-        consumer = make_consumer(self.settings, None, [])
-        producer = make_producer(self.settings)
-        parts = [TopicPartition(self.topic, p) for p in range(self.settings.topics.partitions)]
-        consumer.assign(parts)
-        for tp in parts:
-            if tp.partition in self.start_offsets:
-                consumer.seek(tp, self.start_offsets[tp.partition])
-            else:
-                consumer.seek_to_beginning(tp)
-        pending: list = []  # the records of the next batch
-        offsets: dict[int, int] = {}
-        first_at = None
-        while not self.stop.is_set():
-            records = consumer.poll(timeout_ms=100, max_records=self.batch_size)
-            if self.watch.recreated(consumer):  # a memory broker restarted empty; repeats are dropped by id
-                consumer.seek_to_beginning(*parts)
-                offsets = {tp.partition: 0 for tp in parts}
-            for tp, recs in records.items():
-                if recs:
-                    offsets[tp.partition] = recs[-1].offset + 1
-                    pending.extend(recs)
-            if (pending or offsets) and first_at is None:
-                first_at = time.monotonic()
-            if first_at is not None and (len(pending) >= self.batch_size
-                                         or time.monotonic() - first_at >= self.max_wait_s):
-                self._hand_over(self._ready(pending, offsets, producer))
-                pending, offsets, first_at = [], {}, None
-        producer.close(timeout=5)
-        consumer.close()
-
-    def _hand_over(self, batch: ReadyBatch) -> None:
-        # a bounded wait: a stop must not hang on a full queue whose reader has gone
-        while not self.stop.is_set():
-            try:
-                self.out.put(batch, timeout=0.1)
-                return
-            except queue.Full:
-                pass
-
-    def _ready(self, records: list, offsets: dict[int, int], producer) -> ReadyBatch:
-        """The batch of ``records``: decoded column-wise when every one allows it, else message by
-        message with the bad ones dead-lettered."""
-        decoded = self.columns.decode([r.value for r in records]) if records else None
-        if decoded is not None:
-            built = columns_to_batch(decoded.columns, self.settings) if self.build else None
-            return ReadyBatch(None, offsets, self.watch.known, built, decoded)
-        samples = []
-        for r in records:
-            try:
-                samples.append(self.codec.decode(r.value))
-            except ContractError as e:
-                metrics.DEAD_LETTERS.labels("trainer", self.topic, metrics.reason_kind(e.reason)).inc()
-                key, value = dead_letter_of(e.reason, r, "trainer")
-                producer.send(self.settings.topics.name("dead_letters"), key=key, value=value)
-        built = samples_to_batch(samples, self.settings) if self.build and samples else None
-        return ReadyBatch(samples, offsets, self.watch.known, built)
-
-
 def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_seconds: float | None = None,
         stop: threading.Event | None = None) -> Trainer:
     """Train from the samples topic until ``stop`` is set (or ``max_seconds`` pass). The model is
@@ -355,22 +238,16 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
         return trainer
     producer = make_producer(settings)
     updates_topic = settings.topics.name("model_updates")
-    ready: queue.Queue[ReadyBatch] = queue.Queue(maxsize=PREFETCH_QUEUE)
-    pre = Prefetcher(settings, trainer.offsets, ready, settings.model.batch_size, settings.trainer.max_wait_ms / 1000,
-                     trainer.samples_topic_id, build=trainer.device.type == "cuda")
-    pre.start()
+    pre = Prefetch(settings, trainer.offsets, settings.model.batch_size, settings.trainer.max_wait_ms / 1000,
+                   trainer.samples_topic_id).start()
     deadline = time.monotonic() + max_seconds if max_seconds else None
     started, learned_at_start = time.perf_counter(), trainer.samples_seen
     reported_at = float("-inf")
     try:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-            if pre.error is not None:
-                raise RuntimeError("sample consumer failed") from pre.error
-            try:
-                batch = ready.get(timeout=0.2)
+            batch = pre.get(timeout=0.2)
+            if batch is not None:
                 trainer.learn(batch)
-            except queue.Empty:
-                pass
             kind_due = trainer.due()
             if kind_due:
                 update = trainer.publish(kind_due)
@@ -388,8 +265,7 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
                 trainer.report_metrics()
                 reported_at = time.monotonic()
     finally:
-        pre.stop.set()
-        pre.join(10)
+        pre.close()
         if stop.is_set() or deadline is not None:
             trainer.checkpoint()
         producer.close(timeout=5)

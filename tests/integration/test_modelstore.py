@@ -11,10 +11,12 @@ import torch
 from dmrstream.contracts import Sample
 from dmrstream.settings import load_settings
 from trainer.modelstore import ModelStore, ModelStoreError
-from trainer.service import ReadyBatch, Trainer
+from trainer.ready_batch import ReadyBatch, decode_ready, encode_ready
+from trainer.service import Trainer
 
 SMALL = {"model.item_vocab_size": 4096, "model.user_vocab_size": 4096, "model.category_vocab_size": 256,
          "model.aux_negatives": 32, "model.batch_size": 64}
+SHAPE = load_settings(overrides=SMALL)  # what batch assembly reads
 
 
 def batch(rng: random.Random, k0: int, n: int = 64) -> ReadyBatch:
@@ -25,7 +27,7 @@ def batch(rng: random.Random, k0: int, n: int = 64) -> ReadyBatch:
                           category_id=rng.randrange(40), ts=1_700_000_000_000 + k, label=rng.randrange(2),
                           hist_item_ids=[rng.randrange(900) for _ in range(h)], hist_category_ids=[1] * h,
                           hist_behaviors=["click"] * h, hist_ts=[1_600_000_000_000 + i for i in range(h)]))
-    return ReadyBatch(out, {0: k0 + n})
+    return ReadyBatch.of_samples(out, {0: k0 + n}, SHAPE)
 
 
 @pytest.fixture
@@ -95,21 +97,20 @@ def test_bad_files_and_uris_are_refused(trainer, tmp_path):
         store.read_verified(meta.file, hashlib.sha256(payload).hexdigest())
 
 
-def test_a_batch_assembled_ahead_learns_exactly_like_one_assembled_in_learn(tmp_path):
-    """The prefetch thread may build the model input (on CUDA): same learning, repeats dropped."""
-    from trainer.features import samples_to_batch
-
+def test_a_batch_from_the_prefetch_process_learns_exactly_like_one_built_here(tmp_path):
+    """Batches cross from the prefetch process as bytes (trainer/ready_batch.py): same learning,
+    repeats dropped, bit for bit."""
     states = []
-    for built in (False, True):
-        s = load_settings(overrides={**SMALL, "state_dir": str(tmp_path / f"s{built}"),
-                                     "model_store": str(tmp_path / f"m{built}")})
+    for travelled in (False, True):
+        s = load_settings(overrides={**SMALL, "state_dir": str(tmp_path / f"s{travelled}"),
+                                     "model_store": str(tmp_path / f"m{travelled}")})
         torch.manual_seed(0)
         t = Trainer(s, "dmr", "cpu")
         rng = random.Random(4)
         for k0 in (0, 64, 100):  # the last batch repeats 28 samples already learned
             rb = batch(rng, k0)
-            if built:
-                rb.batch = samples_to_batch(rb.samples, s)
+            if travelled:
+                rb = decode_ready(encode_ready(rb))
             torch.manual_seed(k0)  # the auxiliary loss samples negatives
             t.learn(rb)
         assert t.samples_seen == 164

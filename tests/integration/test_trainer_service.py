@@ -4,6 +4,7 @@ unbroken chain whose deltas load bit-identical to full snapshots."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -40,6 +41,32 @@ def _cmd(s):
     return args + ["trainer", "--model", "dmr", "--device", "cpu"]
 
 
+def _children(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                out.add(int(d))
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    live = set()
+    for p in pids:
+        try:
+            if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+                live.add(p)
+        except OSError:
+            pass
+    return live
+
+
 def test_trainer_killed_five_times_learns_every_sample_once(broker, tmp_path):
     s = load_settings(overrides={"kafka.bootstrap_servers": broker.bootstrap, "topics.prefix": f"tr{uuid.uuid4().hex[:6]}.",
                                  "state_dir": str(tmp_path / "state"), "model_store": str(tmp_path / "models"), **SMALL})
@@ -60,8 +87,14 @@ def test_trainer_killed_five_times_learns_every_sample_once(broker, tmp_path):
         proc = subprocess.Popen(_cmd(s), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3.5, 6.0))
         assert proc.poll() is None, "trainer died by itself"
+        children = _children(proc.pid)  # its prefetch process (and multiprocessing's tracker)
+        assert children, "the trainer runs no prefetch process"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        gone_by = time.monotonic() + 10
+        while _alive(children) and time.monotonic() < gone_by:
+            time.sleep(0.1)
+        assert not _alive(children), "a process of the killed trainer lives on"
         kills += 1
     proc = subprocess.Popen(_cmd(s), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -105,24 +138,3 @@ def test_trainer_killed_five_times_learns_every_sample_once(broker, tmp_path):
     last_delta = max((v for v in versions if v.kind == "delta"), key=lambda v: v.version)
     state = store.load(last_delta.version)
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
-
-
-def test_prefetcher_stops_while_its_queue_is_full():
-    """The optimizer gone (queue full, nobody reading): a stop still ends the hand-over at once,
-    so `dmrstream trainer` does not hang for the thread on shutdown."""
-    import queue
-    import threading
-
-    from trainer.service import Prefetcher
-
-    out: queue.Queue = queue.Queue(maxsize=1)
-    out.put("batch 1")
-    pre = Prefetcher(load_settings(), {}, out, 4, 0.1)
-    handing = threading.Thread(target=pre._hand_over, args=("batch 2",), daemon=True)
-    handing.start()
-    time.sleep(0.3)
-    assert handing.is_alive()  # waits while the queue is full and no stop is asked
-    pre.stop.set()
-    handing.join(2)
-    assert not handing.is_alive()
-    assert out.get_nowait() == "batch 1" and out.empty()

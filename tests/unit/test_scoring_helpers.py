@@ -6,7 +6,8 @@ import random
 
 from dmrstream.contracts import Candidate, Sample, ScoreRequest
 from dmrstream.settings import load_settings
-from trainer.service import ReadyBatch, Trainer
+from trainer.ready_batch import ReadyBatch
+from trainer.service import Trainer
 
 T0 = 1_700_000_000_000
 SMALL = {"model.item_vocab_size": 4096, "model.user_vocab_size": 4096, "model.category_vocab_size": 256,
@@ -46,7 +47,7 @@ class Publisher:
         return self.trainer.store
 
     def next(self, kind: str):
-        self.trainer.learn(ReadyBatch(samples(self.rng, self.k), {}))
+        self.trainer.learn(ReadyBatch.of_samples(samples(self.rng, self.k), {}, self.trainer.settings))
         self.k += 32
         return self.trainer.publish(kind)
 
