@@ -21,6 +21,7 @@ import os
 import queue
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from kafka import TopicPartition
@@ -108,18 +109,32 @@ class SampleReader:
         return ReadyBatch.of_samples(samples, offsets, self.settings, self.watch.known, refused)
 
 
-def _child_main(settings_json: str, start_offsets: dict[int, int], start_topic_id: str | None, batch_size: int,
-                max_wait_s: float, out: Any, failure: Any, stop: Any, nice: int, parent_pid: int, log_level: int) -> None:
+@dataclass(frozen=True)
+class PrefetchJob:
+    """What the prefetch process is started with. multiprocessing hands it over pickled, between
+    this trainer and its own child: the settings arrive whole, secrets included (their JSON form
+    masks them)."""
+
+    settings: Settings
+    start_offsets: dict[int, int]
+    start_topic_id: str | None
+    batch_size: int
+    max_wait_s: float
+    parent_pid: int
+    log_level: int
+
+
+def _child_main(job: PrefetchJob, out: Any, failure: Any, stop: Any) -> None:
     """The prefetch process: a :class:`SampleReader` putting encoded batches on ``out``; why it
     failed, if it does, on ``failure`` (written at once: no feeder thread to outlive)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the trainer stops us
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s (prefetch): %(message)s")
-    if nice:
-        os.nice(nice)
+    logging.basicConfig(level=job.log_level, format="%(asctime)s %(levelname)s %(name)s (prefetch): %(message)s")
+    if job.settings.trainer.prefetch_nice:
+        os.nice(job.settings.trainer.prefetch_nice)
     out.cancel_join_thread()  # at exit, drop batches nobody will read rather than wait for a reader
 
     def stopped() -> bool:
-        return stop.is_set() or os.getppid() != parent_pid
+        return stop.is_set() or os.getppid() != job.parent_pid
 
     def hand_over(rb: ReadyBatch) -> bool:
         data = encode_ready(rb)
@@ -132,8 +147,8 @@ def _child_main(settings_json: str, start_offsets: dict[int, int], start_topic_i
         return False
 
     try:
-        settings = Settings.model_validate_json(settings_json)
-        SampleReader(settings, start_offsets, start_topic_id, batch_size, max_wait_s).run(hand_over, stopped)
+        SampleReader(job.settings, job.start_offsets, job.start_topic_id, job.batch_size,
+                     job.max_wait_s).run(hand_over, stopped)
     except BaseException as e:  # noqa: BLE001 - reported to the trainer, which exits non-zero
         log.exception("prefetch failed")
         failure.put(f"{type(e).__name__}: {e}")
@@ -150,11 +165,10 @@ class Prefetch:
         self.failure = ctx.SimpleQueue()
         self.stop_flag = ctx.Event()
         self.topic = settings.topics.name("samples")
-        self.process = ctx.Process(
-            target=_child_main, name="trainer-prefetch", daemon=True,
-            args=(settings.model_dump_json(), dict(start_offsets), start_topic_id, batch_size, max_wait_s,
-                  self.out, self.failure, self.stop_flag, settings.trainer.prefetch_nice, os.getpid(),
-                  logging.getLogger().getEffectiveLevel()))
+        self.job = PrefetchJob(settings, dict(start_offsets), start_topic_id, batch_size, max_wait_s, os.getpid(),
+                               logging.getLogger().getEffectiveLevel())
+        self.process = ctx.Process(target=_child_main, name="trainer-prefetch", daemon=True,
+                                   args=(self.job, self.out, self.failure, self.stop_flag))
 
     def start(self) -> "Prefetch":
         self.process.start()

@@ -3,7 +3,7 @@
 The prefetch process (``trainer/prefetch.py``) decodes and assembles each batch; what crosses to
 the trainer is numpy arrays, the sample ids and the Kafka offsets the batch completes. They travel
 as msgpack (msgspec): the arrays as raw bytes with dtype and shape, decoded into writable buffers
-so torch takes them without a copy. No pickle of anything but those bytes.
+so torch takes them without a copy (multiprocessing's queue only wraps those bytes).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ full queue, and a prefetch process that dies makes the trainer fail loudly inste
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from dmrstream.contracts import encode
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer
+from dmrstream.settings import load_settings
 from pipeline_reference import random_samples
 from trainer.prefetch import Prefetch, PrefetchFailed
 
@@ -121,3 +123,12 @@ def test_a_dead_prefetch_process_fails_the_trainer_loudly(kafka_settings):
                 pre.get(timeout=0.2)
     finally:
         pre.close()
+
+
+def test_the_prefetch_process_gets_the_settings_whole_secrets_included():
+    """The settings' JSON form masks secrets: the child must get them as they are (a SASL login)."""
+    s = load_settings(overrides={"kafka.sasl_plain_username": "u", "kafka.sasl_plain_password": "s3cret"})
+    pre = Prefetch(s, {0: 3}, 32, 0.1, "topic-id")
+    job = pickle.loads(pickle.dumps(pre.job))  # what multiprocessing's spawn does with the process's args
+    assert job.settings == s and job.settings.kafka.sasl_plain_password.get_secret_value() == "s3cret"
+    assert (job.start_offsets, job.start_topic_id, job.batch_size, job.parent_pid) == ({0: 3}, "topic-id", 32, os.getpid())
