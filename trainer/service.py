@@ -230,7 +230,9 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
     """Train from the samples topic until ``stop`` is set (or ``max_seconds`` pass). The model is
     built (and a checkpoint restored) first, so a bad setting fails at once; then a broker that is
     not up yet is waited for (:func:`~dmrstream.kafkaio.wait_for_broker_at_start`), and a stop
-    during that wait returns the trainer untouched. ``max_seconds`` counts from the broker's answer."""
+    during that wait returns the trainer untouched. ``max_seconds`` counts from the broker's answer.
+    The prefetch runs in a child process (multiprocessing's spawn): a script that calls this needs
+    the usual ``if __name__ == "__main__":`` guard."""
     stop = stop or threading.Event()
     trainer = Trainer(settings, kind, device)
     if not wait_for_broker_at_start(settings, stop, "trainer"):
