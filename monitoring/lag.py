@@ -1,10 +1,11 @@
 """Consumer lag per group and partition, from the cluster itself (no cooperation of the consumers).
 
 Every consumer group whose name starts with the topic prefix (the streamer's faust group
-``{prefix}streamer``, the scorers' groups) is read: its committed offsets against the topics'
-end offsets give ``dmrstream_consumer_lag{group, topic, partition}``. The trainer assigns its
-partitions by hand and keeps its offsets in its checkpoints, so it has no group here: its
-progress shows as trainer samples/s and freshness.
+``{prefix}streamer``, the scorers' groups, the trainer's ``{prefix}trainer``) is read: its
+committed offsets against the topics' end offsets give ``dmrstream_consumer_lag{group, topic,
+partition}``. The trainer assigns its partitions by hand and resumes from its checkpoints; it
+commits each checkpoint's offsets to its group (trainer/prefetch.py), so its lag is what it has
+learned durably.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ a core idle: 0.836-0.931 over 6 runs (a child at nice 0: 0.763-0.77).
 
 The child exits when asked, and on its own when the trainer is gone (even killed with SIGKILL:
 it watches its parent's pid), so a crashed trainer never leaves a consumer behind.
+
+Its consumer assigns the partitions itself and starts at the checkpoint's offsets (the checkpoint
+is the truth for resuming: offsets, model and optimizer together). After each checkpoint the
+trainer sends the learned offsets here, and they are committed to the consumer group
+``<prefix>trainer``, so Kafka's tools and the lag gauge (``monitoring/lag.py``) see its progress.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from dmrstream.contracts import ContractError, dead_letter_of
 from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer
@@ -37,6 +43,14 @@ log = logging.getLogger(__name__)
 
 PREFETCH_QUEUE = 8  # batches ready ahead of the optimizer
 _POLL_S = 0.1  # how often a blocked child looks at its stop flag and its parent
+_FINAL_COMMIT_MS = 2000  # the commit of the last learned offsets at a stop waits this long at most
+
+Learned = tuple[dict[int, int], "str | None"]  # partition -> next offset learned, the topic's id
+
+
+def trainer_group(settings: Settings) -> str:
+    """The consumer group the trainer commits its learned offsets to."""
+    return f"{settings.topics.prefix}trainer"
 
 
 class PrefetchFailed(RuntimeError):
@@ -56,9 +70,11 @@ class SampleReader:
         self.topic = settings.topics.name("samples")
         self.watch = TopicIdWatch(self.topic, start_topic_id)  # the topic the start offsets belong to
 
-    def run(self, hand_over: Callable[[ReadyBatch], bool], stopped: Callable[[], bool]) -> None:
-        """Until ``stopped()``; ``hand_over`` returns False when it gave up on a stop."""
-        consumer = make_consumer(self.settings, None, [])
+    def run(self, hand_over: Callable[[ReadyBatch], bool], stopped: Callable[[], bool],
+            learned: Callable[[], Learned | None] = lambda: None) -> None:
+        """Until ``stopped()``; ``hand_over`` returns False when it gave up on a stop; ``learned()``
+        gives the newest checkpointed offsets (or None: nothing new) to commit to the group."""
+        consumer = make_consumer(self.settings, trainer_group(self.settings), [])
         producer = make_producer(self.settings)
         parts = [TopicPartition(self.topic, p) for p in range(self.settings.topics.partitions)]
         consumer.assign(parts)
@@ -72,6 +88,7 @@ class SampleReader:
         first_at = None
         try:
             while not stopped():
+                self._commit(consumer, learned(), sync=False)
                 records = consumer.poll(timeout_ms=int(_POLL_S * 1000), max_records=self.batch_size)
                 if self.watch.recreated(consumer):  # a memory broker restarted empty; repeats are dropped by id
                     consumer.seek_to_beginning(*parts)
@@ -88,8 +105,23 @@ class SampleReader:
                         return
                     pending, offsets, first_at = [], {}, None
         finally:
+            self._commit(consumer, learned(), sync=True)
             producer.close(timeout=5)
             consumer.close()
+
+    def _commit(self, consumer: Any, got: Learned | None, sync: bool) -> None:
+        """Commit learned offsets to the group: for monitoring, so a failure is logged, not fatal.
+        Offsets of another incarnation of the topic (re-created since) are not committed."""
+        if got is None or not got[0] or got[1] != self.watch.known:
+            return
+        offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in got[0].items()}
+        try:
+            if sync:
+                consumer.commit(offsets, timeout_ms=_FINAL_COMMIT_MS)
+            else:
+                consumer.commit_async(offsets, callback=_log_failed_commit)
+        except Exception as e:  # noqa: BLE001 - the broker may be away; the checkpoint has them
+            log.warning("committing learned offsets to %s failed: %r", trainer_group(self.settings), e)
 
     def ready(self, records: list, offsets: dict[int, int], producer: Any) -> ReadyBatch:
         """The batch of ``records``: decoded column-wise when every one allows it, else message by
@@ -109,6 +141,11 @@ class SampleReader:
         return ReadyBatch.of_samples(samples, offsets, self.settings, self.watch.known, refused)
 
 
+def _log_failed_commit(offsets: Any, result: Any) -> None:
+    if isinstance(result, Exception):
+        log.warning("committing learned offsets failed: %r", result)
+
+
 @dataclass(frozen=True)
 class PrefetchJob:
     """What the prefetch process is started with. multiprocessing hands it over pickled, between
@@ -124,7 +161,7 @@ class PrefetchJob:
     log_level: int
 
 
-def _child_main(job: PrefetchJob, out: Any, failure: Any, stop: Any) -> None:
+def _child_main(job: PrefetchJob, out: Any, failure: Any, stop: Any, commits: Any) -> None:
     """The prefetch process: a :class:`SampleReader` putting encoded batches on ``out``; why it
     failed, if it does, on ``failure`` (written at once: no feeder thread to outlive)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the trainer stops us
@@ -146,9 +183,17 @@ def _child_main(job: PrefetchJob, out: Any, failure: Any, stop: Any) -> None:
                 pass
         return False
 
+    def learned() -> Learned | None:  # the newest the trainer sent, if any
+        got = None
+        while True:
+            try:
+                got = commits.get_nowait()
+            except queue.Empty:
+                return got
+
     try:
         SampleReader(job.settings, job.start_offsets, job.start_topic_id, job.batch_size,
-                     job.max_wait_s).run(hand_over, stopped)
+                     job.max_wait_s).run(hand_over, stopped, learned)
     except BaseException as e:  # noqa: BLE001 - reported to the trainer, which exits non-zero
         log.exception("prefetch failed")
         failure.put(f"{type(e).__name__}: {e}")
@@ -163,12 +208,13 @@ class Prefetch:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process running torch's threads
         self.out = ctx.Queue(maxsize=queue_size)
         self.failure = ctx.SimpleQueue()
+        self.commits = ctx.Queue()  # learned offsets to commit to the group, newest last
         self.stop_flag = ctx.Event()
         self.topic = settings.topics.name("samples")
         self.job = PrefetchJob(settings, dict(start_offsets), start_topic_id, batch_size, max_wait_s, os.getpid(),
                                logging.getLogger().getEffectiveLevel())
         self.process = ctx.Process(target=_child_main, name="trainer-prefetch", daemon=True,
-                                   args=(self.job, self.out, self.failure, self.stop_flag))
+                                   args=(self.job, self.out, self.failure, self.stop_flag, self.commits))
 
     def start(self) -> "Prefetch":
         self.process.start()
@@ -194,6 +240,11 @@ class Prefetch:
             metrics.DEAD_LETTERS.labels("trainer", self.topic, kind).inc(n)
         return rb
 
+    def commit_learned(self, offsets: dict[int, int], topic_id: str | None) -> None:
+        """Have the process commit these checkpointed offsets to the trainer's group (it does at
+        its next poll, and once more as it stops)."""
+        self.commits.put_nowait((dict(offsets), topic_id))
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the process and wait for it (killed if it does not end within ``timeout``)."""
         self.stop_flag.set()
@@ -203,6 +254,7 @@ class Prefetch:
             self.process.kill()
             self.process.join(5)
         self.out.close()
+        self.commits.close()
 
     def __enter__(self) -> "Prefetch":
         return self.start()

@@ -245,6 +245,11 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
     deadline = time.monotonic() + max_seconds if max_seconds else None
     started, learned_at_start = time.perf_counter(), trainer.samples_seen
     reported_at = float("-inf")
+
+    def checkpoint() -> None:
+        trainer.checkpoint()
+        pre.commit_learned(trainer.offsets, trainer.samples_topic_id)  # the group shows what is durable
+
     try:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             batch = pre.get(timeout=0.2)
@@ -254,12 +259,12 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
             if kind_due:
                 update = trainer.publish(kind_due)
                 announce(producer, updates_topic, update, stop)
-                trainer.checkpoint()  # publish and checkpoint together: a restart never re-bases
+                checkpoint()  # publish and checkpoint together: a restart never re-bases
                 removed = trainer.store.prune(settings.trainer.keep_versions)
                 if removed:
                     log.info("pruned versions %s", removed)
             elif time.monotonic() - trainer.last_checkpoint >= settings.trainer.checkpoint_every_s:
-                trainer.checkpoint()
+                checkpoint()
             # a report computes window AUCs (~3 ms): once a second, not once per batch
             if time.monotonic() - reported_at >= REPORT_EVERY_S:
                 rate = (trainer.samples_seen - learned_at_start) / max(time.perf_counter() - started, 1e-9)
@@ -267,9 +272,9 @@ def run(settings: Settings, kind: str = "dmr", device: str | None = None, max_se
                 trainer.report_metrics()
                 reported_at = time.monotonic()
     finally:
-        pre.close()
         if stop.is_set() or deadline is not None:
-            trainer.checkpoint()
+            checkpoint()
+        pre.close()
         producer.close(timeout=5)
         trainer.close()
     return trainer

@@ -1,6 +1,7 @@
 """The trainer's prefetch process on the local broker: it reads every good sample once in
 offset order, dead-letters the bad ones (counted in the trainer's process), stops at once with a
-full queue, and a prefetch process that dies makes the trainer fail loudly instead of waiting."""
+full queue, a prefetch process that dies makes the trainer fail loudly instead of waiting, and the
+trainer's checkpointed offsets reach its consumer group."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pickle
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from dmrstream.contracts import encode
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer
 from dmrstream.settings import load_settings
 from pipeline_reference import random_samples
-from trainer.prefetch import Prefetch, PrefetchFailed
+from trainer.prefetch import Prefetch, PrefetchFailed, trainer_group
 
 pytestmark = pytest.mark.slow
 
@@ -132,3 +134,41 @@ def test_the_prefetch_process_gets_the_settings_whole_secrets_included():
     job = pickle.loads(pickle.dumps(pre.job))  # what multiprocessing's spawn does with the process's args
     assert job.settings == s and job.settings.kafka.sasl_plain_password.get_secret_value() == "s3cret"
     assert (job.start_offsets, job.start_topic_id, job.batch_size, job.parent_pid) == ({0: 3}, "topic-id", 32, os.getpid())
+
+
+def test_the_trainer_commits_its_checkpointed_offsets_to_its_group(kafka_settings):
+    """Resuming reads the checkpoint; the group `<prefix>trainer` shows the same offsets to Kafka's
+    tools and to the lag gauge (monitoring/lag.py)."""
+    from dmrstream.kafkaio import make_admin
+    from monitoring.lag import LagMonitor
+    from trainer.checkpoint import load_checkpoint
+    from trainer.service import run
+
+    s = load_settings(overrides={
+        "kafka.bootstrap_servers": kafka_settings.kafka.bootstrap_servers, "topics.prefix": kafka_settings.topics.prefix,
+        "state_dir": kafka_settings.state_dir, "model_store": kafka_settings.model_store,
+        "model.item_vocab_size": 4096, "model.user_vocab_size": 4096, "model.category_vocab_size": 256,
+        "model.aux_negatives": 32, "model.batch_size": 32, "trainer.max_wait_ms": 50})
+    create_topics(s)
+    good = random_samples(200, seed=14)
+    p = make_producer(s)
+    for x in good:
+        p.send(s.topics.name("samples"), key=str(x.user_id).encode(), value=encode(x))
+    p.flush()
+    p.close()
+    trainer = run(s, "dmr", "cpu", max_seconds=8)
+    assert trainer.samples_seen == len(good)
+    checkpointed = {int(k): v for k, v in load_checkpoint(Path(s.state_dir) / "trainer" / "checkpoints")[2]["offsets"].items()}
+    assert sum(checkpointed.values()) == len(good) and checkpointed == trainer.offsets
+    admin = make_admin(s)
+    try:
+        group = admin.list_group_offsets({trainer_group(s): None})[trainer_group(s)]
+    finally:
+        admin.close()
+    assert {tp.partition: om.offset for tp, om in group.items() if tp.topic == s.topics.name("samples")} == checkpointed
+    lag = LagMonitor(s)
+    try:
+        seen = lag.poll()
+    finally:
+        lag.close()
+    assert {p for (g, t, p) in seen if g == trainer_group(s) and t == s.topics.name("samples")} == set(checkpointed)
