@@ -45,7 +45,7 @@ PREFETCH_QUEUE = 8  # batches ready ahead of the optimizer
 _POLL_S = 0.1  # how often a blocked child looks at its stop flag and its parent
 _FINAL_COMMIT_MS = 2000  # the commit of the last learned offsets at a stop waits this long at most
 
-Learned = tuple[dict[int, int], "str | None"]  # partition -> next offset learned, the topic's id
+Learned = tuple[dict[int, int], str | None]  # partition -> next offset learned, the topic's id
 
 
 def trainer_group(settings: Settings) -> str:
@@ -86,9 +86,13 @@ class SampleReader:
         pending: list = []  # the records of the next batch
         offsets: dict[int, int] = {}
         first_at = None
+        latest = None  # the newest learned offsets received: committed once more, synchronously, at the end
         try:
             while not stopped():
-                self._commit(consumer, learned(), sync=False)
+                got = learned()
+                if got is not None:
+                    latest = got
+                    self._commit(consumer, got, sync=False)
                 records = consumer.poll(timeout_ms=int(_POLL_S * 1000), max_records=self.batch_size)
                 if self.watch.recreated(consumer):  # a memory broker restarted empty; repeats are dropped by id
                     consumer.seek_to_beginning(*parts)
@@ -105,7 +109,7 @@ class SampleReader:
                         return
                     pending, offsets, first_at = [], {}, None
         finally:
-            self._commit(consumer, learned(), sync=True)
+            self._commit(consumer, learned() or latest, sync=True)
             producer.close(timeout=5)
             consumer.close()
 
@@ -185,11 +189,9 @@ def _child_main(job: PrefetchJob, out: Any, failure: Any, stop: Any, commits: An
 
     def learned() -> Learned | None:  # the newest the trainer sent, if any
         got = None
-        while True:
-            try:
-                got = commits.get_nowait()
-            except queue.Empty:
-                return got
+        while not commits.empty():
+            got = commits.get()
+        return got
 
     try:
         SampleReader(job.settings, job.start_offsets, job.start_topic_id, job.batch_size,
@@ -208,7 +210,9 @@ class Prefetch:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process running torch's threads
         self.out = ctx.Queue(maxsize=queue_size)
         self.failure = ctx.SimpleQueue()
-        self.commits = ctx.Queue()  # learned offsets to commit to the group, newest last
+        # Learned offsets to commit to the group, newest last. A SimpleQueue writes into the pipe
+        # before put returns (no feeder thread), so offsets sent just before a stop are there to read.
+        self.commits = ctx.SimpleQueue()
         self.stop_flag = ctx.Event()
         self.topic = settings.topics.name("samples")
         self.job = PrefetchJob(settings, dict(start_offsets), start_topic_id, batch_size, max_wait_s, os.getpid(),
@@ -243,7 +247,7 @@ class Prefetch:
     def commit_learned(self, offsets: dict[int, int], topic_id: str | None) -> None:
         """Have the process commit these checkpointed offsets to the trainer's group (it does at
         its next poll, and once more as it stops)."""
-        self.commits.put_nowait((dict(offsets), topic_id))
+        self.commits.put((dict(offsets), topic_id))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the process and wait for it (killed if it does not end within ``timeout``)."""

@@ -60,10 +60,11 @@ def test_prefetch_hands_over_every_good_sample_once_and_dead_letters_the_bad(kaf
                 ids += rb.sample_ids
                 batches.append(rb)
     assert ids == [x.sample_id for x in good]  # all, once, in offset order
+    ts_of = {x.sample_id: x.ts for x in good}
     for rb in batches:
         assert len(rb.ts) == len(rb.sample_ids) == len(rb.batch)
         assert rb.batch.hist_item.flags.writeable and rb.batch.hist_item.shape == (len(rb.sample_ids), s.features.seq_len)
-        assert np.array_equal(rb.ts, [x.ts for x in good if x.sample_id in set(rb.sample_ids)])
+        assert np.array_equal(rb.ts, [ts_of[sid] for sid in rb.sample_ids])
     assert batches[-1].offsets == {0: len(values)}
     assert sum(sum(rb.dead_letters.values()) for rb in batches) == len(BAD)
     assert _dead_lettered(s) - before == len(BAD)  # counted in this process, whose metrics are served
@@ -78,6 +79,29 @@ def test_prefetch_hands_over_every_good_sample_once_and_dead_letters_the_bad(kaf
             dead += recs
     c.close()
     assert len(dead) == len(BAD)
+
+
+def test_offsets_sent_just_before_a_stop_reach_the_group(kafka_settings):
+    """The trainer's last checkpoint comes right before it closes the prefetch process: those
+    offsets are committed to the group all the same."""
+    from dmrstream.kafkaio import make_admin
+
+    s = kafka_settings
+    create_topics(s)
+    _produce(s, [encode(x) for x in random_samples(40, seed=15)])
+    with Prefetch(s, {}, 64, 0.2) as pre:
+        rb = None
+        deadline = time.monotonic() + 30
+        while rb is None and time.monotonic() < deadline:
+            rb = pre.get(timeout=1.0)
+        assert rb is not None and rb.offsets == {0: 40}
+        pre.commit_learned({0: 25}, rb.topic_id)  # then at once the stop
+    admin = make_admin(s)
+    try:
+        group = admin.list_group_offsets({trainer_group(s): None})[trainer_group(s)]
+    finally:
+        admin.close()
+    assert {tp.partition: om.offset for tp, om in group.items()} == {0: 25}
 
 
 def test_prefetch_starts_at_the_given_offsets(kafka_settings):
