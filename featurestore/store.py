@@ -109,7 +109,8 @@ class PartitionStore:
         ``applied`` receives the ids of the events newly applied (what the counters now count).
         ``counters_before[id(impression)]`` receives, for every valid impression in ``events``,
         the :meth:`counters_as_of` its time as the store held them BEFORE this batch (read from
-        the records this batch decodes anyway: no second read)."""
+        the records this batch decodes anyway: no second read), a new dict per impression that the
+        caller may change."""
         out = logic.Outcome()
         by_user = _group_by_user(events, out)
         wb = WriteBatch(raw_mode=True)

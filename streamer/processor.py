@@ -178,7 +178,7 @@ class PartitionProcessor:
         outcomes: list[Outcome] = []
         for topic, raw, ev in released:
             if isinstance(ev, Impression):
-                counters = dict(before[id(ev)])
+                counters = before[id(ev)]  # the store's own dict for this impression: ours to extend
                 overlay.add_to(counters, ev)
                 overlay.count("impressions", ev)
                 outcomes += self.join.on_impression(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id,
