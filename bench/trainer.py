@@ -1,15 +1,15 @@
 """Trainer benchmark (not a test): end-to-end samples/s from the Kafka ``samples`` topic to the
 optimizer step (consume, decode and batch assembly in the prefetch process, hand-over, dedupe,
-prequential scoring, learning) next to the pure train-step rate at the same shape in the same run, and the
-size and time of full vs delta publishes.
+prequential scoring, learning) next to the pure train-step rate at the same shape in the same
+run, and the size and time of full vs delta publishes.
 
     .venv/bin/python bench/trainer.py
 
 Shape: batch 1024, T=50, embedding 32, 2^20-row item tables (as bench/train_step.py).
 2 shared cores: figures are noisy, the ratio is the figure to read. The host's speed drifts by tens
-of percent within minutes, so the two rates are measured in alternating phases (pure steps, then a
-fresh prefetch process from the last learned offsets for end-to-end batches, PHASES times) and compared
-over the same spells; the per-phase ratios are printed too.
+of percent within minutes, so the two rates are measured in alternating phases (pure steps, then
+a fresh prefetch process from the last learned offsets for end-to-end batches, PHASES times) and
+compared over the same spells; the per-phase ratios are printed too.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def to_samples(cols: dict, offset: int) -> list[Sample]:
 def per_batch_costs(settings, cols: dict) -> dict[str, float]:
     """Milliseconds per batch (best of 5) of what end to end adds around the step: decoding and
     checking the samples and assembling the model input (the prefetch process), and receiving the
-    assembled batch's bytes (the trainer's process), column-wise (what the trainer does with valid batches) and message by message (its path for
-    a batch holding a bad message, and the one before trainer/sample_decode.py)."""
+    assembled batch's bytes (the trainer's process); column-wise (what the trainer does with valid
+    batches) and message by message (its path for a batch holding a bad message, and the one
+    before trainer/sample_decode.py)."""
     from dmrstream.contracts import Codec
     from trainer.features import columns_to_batch, samples_to_batch
     from trainer.sample_decode import SampleColumnsDecoder

@@ -43,7 +43,7 @@ DELIVERY_ERRORS = (KafkaError, OSError)
 # Samples are compressed (network and broker bytes on a real cluster) on the event loop. zstd, not
 # lz4: aiokafka's lz4 is level 9 (HC), ~10 % of the worker in a py-spy profile of bench/streamer.py;
 # cramjam's zstd level 3 compresses sample JSON ~5x faster and smaller (145 vs 767 MB/s, ratio 11.0
-# vs 13.4). A/B of the worker in one process, 6 pairs: zstd ahead in 5, mean 15,342 vs 13,832
+# vs 13.4, one-off on 77 KB of samples). A/B of the worker in one process, 6 pairs: zstd ahead in 5, mean 15,342 vs 13,832
 # events/s. kafka-python reads it with the ``zstandard`` package.
 PRODUCER_COMPRESSION = "zstd"
 PARTITION_CACHE_KEYS = 262_144  # keys whose output partition is remembered per topic (~40 MB at most)
@@ -94,8 +94,8 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
 
 def producer_options(settings: Settings) -> dict[str, Any]:
     """The streamer's AIOKafkaProducer, configured as :func:`~dmrstream.kafkaio.make_producer`
-    configures kafka-python's (every replica acknowledges, 256 KiB batches, compressed, the same request
-    size limit, no idempotence: see make_producer) and authenticated exactly as the app's faust
+    configures kafka-python's (every replica acknowledges, 256 KiB batches, compressed, the same
+    request size limit, no idempotence: see make_producer) and authenticated exactly as the app's faust
     clients (the same credentials object, converted by faust's own helper). No linger: the
     streamer hands over complete batches. A batch the broker does not acknowledge is retried
     until the request timeout; then its future fails and the streamer redoes the batch."""
