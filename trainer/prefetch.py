@@ -7,7 +7,7 @@ Python per batch (kafka-python's record parsing ~11 ms, decode ~16 ms, assembly 
 of the trainer's process contended with torch's two threads for the cores and for the GIL, and
 the step slowed by about as much: end to end 0.76 of the pure step. In a child process it holds no
 GIL of the trainer's, and at nice 19 (``trainer.prefetch_nice``) it mostly runs where torch leaves
-a core idle: 0.835-0.931 over 8 runs (a child at nice 0: 0.763-0.77).
+a core idle: 0.784-0.955 over 16 runs, median 0.86 (a child at nice 0: 0.763-0.77).
 
 The child exits when asked, and on its own when the trainer is gone (even killed with SIGKILL:
 it watches its parent's pid), so a crashed trainer never leaves a consumer behind.
