@@ -38,7 +38,7 @@ from dmrstream.broker import LocalBroker  # noqa: E402
 from dmrstream.contracts import Click, Impression, encode  # noqa: E402
 from dmrstream.kafkaio import create_topics, make_consumer, make_producer  # noqa: E402
 from dmrstream.settings import load_settings  # noqa: E402
-from streamer.app import BATCH_MAX, BATCH_WITHIN_S, create_app, faust_app, tune_gc  # noqa: E402
+from streamer.app import create_app, faust_app, fetch_buffer_size, tune_gc  # noqa: E402
 from streamer.faust_batches import FetchBatches  # noqa: E402
 
 T0 = 1_700_000_000_000
@@ -74,18 +74,32 @@ def produce(settings, stream: list) -> int:
 
 
 def processor_alone(settings, stream: list) -> float:
-    """Events/s of the same processing (decode, merge, join, RocksDB store, samples) on one
-    partition with no Kafka: the ceiling the worker's Kafka and faust machinery leaves room for."""
+    """Events/s of the same processing (decode, merge, join, RocksDB store, samples) with no
+    Kafka, batched as the worker batches: ``streamer.batch_max_events`` messages at a time, split
+    over the partitions' processors and stores (the producer's murmur2 partition of each key).
+    The ceiling the worker's Kafka and faust machinery leaves room for."""
+    from aiokafka.partitioner import DefaultPartitioner
+
     from featurestore import open_partition_store
     from streamer.processor import PartitionProcessor, Record
 
-    proc = PartitionProcessor(0, open_partition_store(settings, 0), settings)
-    records = [Record(topic, 0, i, key, value) for i, (topic, key, value) in enumerate(stream)]
+    n_parts = settings.topics.partitions
+    parts, partition_of = list(range(n_parts)), DefaultPartitioner()
+    procs = [PartitionProcessor(p, open_partition_store(settings, p), settings) for p in parts]
+    records = [Record(topic, partition_of(key, parts, parts), i, key, value)
+               for i, (topic, key, value) in enumerate(stream)]
+    batch = settings.streamer.batch_max_events
     t = time.perf_counter()
-    for i in range(0, len(records), 2000):
-        proc.commit(proc.process(records[i:i + 2000]))
+    for i in range(0, len(records), batch):
+        by_partition: dict[int, list] = {}
+        for r in records[i:i + batch]:
+            by_partition.setdefault(r.partition, []).append(r)
+        results = [(procs[p], procs[p].process(recs)) for p, recs in by_partition.items()]
+        for proc, result in results:
+            proc.commit(result)
     took = time.perf_counter() - t
-    proc.store.close()
+    for proc in procs:
+        proc.store.close()
     return len(records) / took
 
 
@@ -151,13 +165,15 @@ def run_worker(settings, total: int) -> dict:
     app = create_app(settings)
     streamer = app.streamer
     clock = BatchClock()
-    handle = streamer.handle
+    submit = streamer.submit
 
-    async def timed(records):
-        await handle(records)
-        clock.batch_done(len(records))
+    async def timed(records, on_done=lambda: None):
+        def done():
+            on_done()
+            clock.batch_done(len(records))
+        await submit(records, done)
 
-    streamer.handle = timed  # the agent looks it up per batch
+    streamer.submit = timed  # the batch loop looks it up per batch
     run_until(app, lambda: streamer.events_in, total)
     streamer.close()
     times = np.array([t for t, _ in streamer.batch_times])
@@ -181,21 +197,22 @@ def faust_floor(settings, total: int, hand_over: str = "fetches", name: str = "f
                        key_serializer="raw", value_serializer="raw")
     clock = BatchClock()
     seen = [0]
+    batch_max, within_s = settings.streamer.batch_max_events, settings.streamer.batch_within_ms / 1000
 
     if hand_over == "fetches":
-        batches = FetchBatches(app, [inputs])
+        batches = FetchBatches(app, [inputs], max_buffered=fetch_buffer_size(settings))
 
         @app.task
         async def empty_loop():
             while True:
-                messages = await batches.take(BATCH_MAX, BATCH_WITHIN_S)
+                messages = await batches.take(batch_max, within_s)
                 seen[0] += len(messages)
                 clock.batch_done(len(messages))
                 batches.ack(messages)
     else:
         @app.agent(inputs, name="empty")
         async def empty(stream):
-            async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            async for events in stream.take_events(batch_max, within=within_s):
                 seen[0] += len(events)
                 clock.batch_done(len(events))
 
@@ -240,7 +257,7 @@ def main() -> None:
         ("  faust's per-message stream path, eager hand-over (take_events)", f"{eager_floor:,.0f}"),
         ("  the same with faust's own per-message hand-over", f"{stock_floor:,.0f}"),
         ("worker / faust floor", f"{eps / floor:.2f}"),
-        ("same processing alone, no Kafka (events/s, 1 partition)", f"{alone:,.0f}"),
+        ("same processing alone, no Kafka, same batches and partitions (events/s)", f"{alone:,.0f}"),
         ("worker / processing alone", f"{eps / alone:.2f}"),
         ("  processing alone with CPython's default GC thresholds", f"{alone_default_gc:,.0f}"),
         ("floor and processing in series, 1/(1/floor + 1/alone)", f"{serial:,.0f}"),
@@ -250,6 +267,7 @@ def main() -> None:
         ("processing latency p50 (ms)", f"{w['p50_ms']:.1f}"),
         ("processing latency p99 (ms)", f"{w['p99_ms']:.1f}"),
         ("mean batch (events)", f"{w['mean_batch']:.0f}"),
+        ("batch bound (streamer.batch_max_events)", f"{s.streamer.batch_max_events:,}"),
         ("produce events/s (setup)", f"{total / produce_s:,.0f}"),
     ]
     for r in rows:
@@ -263,7 +281,7 @@ def main() -> None:
                       "processor_alone_events_per_s": round(alone),
                       "processor_alone_default_gc_events_per_s": round(alone_default_gc), "streamer_vs_alone_ratio": round(eps / alone, 3),
                       "serial_bound_events_per_s": round(serial), "loop_busy_fraction": round(w["loop_busy"], 3),
-                      "samples": w["samples"],
+                      "samples": w["samples"], "batch_max_events": s.streamer.batch_max_events,
                       "latency_p50_ms": round(w["p50_ms"], 2), "latency_p99_ms": round(w["p99_ms"], 2)}))
 
 

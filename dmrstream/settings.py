@@ -143,6 +143,17 @@ class TrainerSettings(BaseModel):
     prefetch_nice: int = Field(19, ge=0, le=19)
 
 
+class StreamerSettings(BaseModel):
+    """The streamer's batch loop (streamer/app.py): a batch is up to ``batch_max_events`` messages,
+    taken once that many are buffered or ``batch_within_ms`` after the first arrived. Larger
+    batches amortise the per-user and per-batch work (reads, record encoding, RocksDB writes) on a
+    backlog at the price of each event waiting for its whole batch; a live stream below capacity
+    sees small batches whatever the bound."""
+
+    batch_max_events: int = Field(8000, ge=1)
+    batch_within_ms: float = Field(250.0, ge=0)
+
+
 class ScorerSettings(BaseModel):
     """Scorers (streamer/scoring*.py): micro-batching, threads, serving AUC and automatic rollback."""
 
@@ -182,6 +193,7 @@ class Settings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     model: ModelSettings = ModelSettings()
     trainer: TrainerSettings = TrainerSettings()
+    streamer: StreamerSettings = StreamerSettings()
     scorer: ScorerSettings = ScorerSettings()
     metrics: MetricsSettings = MetricsSettings()
     state_dir: Path = Path("state")

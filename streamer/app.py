@@ -9,12 +9,14 @@ partitions on rebalance. Several workers (processes with the same app id) share 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
 import threading
 import time
 from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +36,6 @@ from streamer.processor import BatchResult, PartitionProcessor, Record
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 2000
-BATCH_WITHIN_S = 0.25
 # What a failed delivery raises: aiokafka (a batch not acknowledged within the request timeout,
 # no metadata, a closed producer...) or the socket layer. asyncio.TimeoutError is TimeoutError,
 # an OSError, since Python 3.11.
@@ -56,6 +56,13 @@ PARTITION_CACHE_KEYS = 262_144  # keys whose output partition is remembered per 
 # (processing alone ~14,000 vs ~18,000 events/s). Cycles are still collected, every 50,000
 # allocations instead of 700.
 GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def fetch_buffer_size(settings: Settings) -> int:
+    """Messages the consumer may buffer ahead of the batch loop: three batches, so that while one
+    is processed (the event loop is busy: no fetching) the next is already there. With a buffer
+    of one batch or less the loop waited for fetches after every batch."""
+    return max(20_000, 3 * settings.streamer.batch_max_events)
 
 
 def tune_gc() -> None:
@@ -142,6 +149,7 @@ class Streamer:
         self.events_in = 0
         # (seconds from batch received to its samples acknowledged, events in it): latency figures
         self.batch_times: deque[tuple[float, int]] = deque(maxlen=100_000)
+        self._in_flight: _InFlight | None = None  # see submit
 
     async def start(self) -> None:
         if self.producer is None:
@@ -149,8 +157,13 @@ class Streamer:
             await self.producer.start()
 
     async def stop(self) -> None:
-        """Stop the producer this streamer started, once a batch or tick in progress is done."""
+        """Finish the batch in flight (its acks, its state), then stop the producer this streamer
+        started, once a batch or tick in progress is done."""
         async with self._serial:
+            try:
+                await self._finish_in_flight(retry=False)
+            except DELIVERY_ERRORS as e:  # redelivered after the restart: nothing lost
+                log.warning("stopping with a batch in flight that could not be delivered (%r)", e)
             if self._owns_producer and self.producer is not None:
                 producer, self.producer = self.producer, None
                 await producer.stop()
@@ -170,66 +183,138 @@ class Streamer:
                 if close:
                     close()
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a submitted batch still waits for its acks (see :meth:`submit`)."""
+        return self._in_flight is not None
+
     async def handle(self, records: list[Record]) -> None:
         """Process a consumed batch partition by partition, produce everything it emits, wait for
         the broker's acks of all of it, and only then persist each partition's state (see
         ``streamer/processor.py``). Returns once the state is persisted: faust acks the batch's
         offsets after that. A record is anything with a :class:`Record`'s attributes (faust's
-        consumer messages are passed as they are)."""
-        by_partition: dict[int, list[Record]] = defaultdict(list)
-        for r in records:
-            by_partition[r.partition].append(r)
-        attempt = 0
+        consumer messages are passed as they are). A batch in flight is finished first."""
+        await self.submit(records)
+        await self.flush()
+
+    async def submit(self, records: list[Record], on_done: Callable[[], None] = lambda: None) -> None:
+        """:meth:`handle` pipelined by one batch: process ``records`` and start sending what they
+        emit, then finish the batch submitted before (await its acks, persist its state, call its
+        ``on_done``), so the broker acknowledges one batch while the event loop processes the
+        next. This batch stays in flight until the next :meth:`submit`, :meth:`flush`, tick or
+        stop finishes it. States are persisted in batch order.
+
+        A failed delivery sends the batch's messages again (the same bytes: the processing is
+        not redone, so the samples and their counters are exactly the first attempt's), backing
+        off up to 5 s between attempts, until the broker acknowledges them all; only then is its
+        state persisted. Copies that got through before are repeats the trainer drops by id."""
         async with self._serial:
-            while True:
+            started = time.perf_counter()
+            by_partition = _by_partition(records)
+            procs = [(self.processor(p), recs) for p, recs in by_partition.items()]
+            batch = _InFlight(records, set(by_partition), [(proc, proc.process(recs)) for proc, recs in procs],
+                              started, on_done)
+            await self._start(batch)
+            previous, self._in_flight = self._in_flight, batch
+            if previous is not None:
                 try:
-                    started = time.perf_counter()
-                    procs = [(self.processor(p), recs) for p, recs in by_partition.items()]
-                    results = [(proc, proc.process(recs)) for proc, recs in procs]
-                    await self._deliver(results)
-                    took = time.perf_counter() - started
-                    metrics.BATCH_SECONDS.observe(took)
-                    self.batch_times.append((took, len(records)))
-                    self.events_in += len(records)
-                    return
-                except DELIVERY_ERRORS as e:
-                    # The joins ran ahead in memory: drop them, rebuild from what was persisted and
-                    # redo the batch (the stores ignore the repeats). Back off, never spin.
-                    attempt += 1
-                    log.warning("partitions %s: delivery failed (%r); retry %d", sorted(by_partition), e, attempt)
-                    self.release(set(by_partition))
-                    await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+                    await self._finish(previous)
+                except BaseException:
+                    self._drop(previous, batch)
+                    raise
+
+    async def flush(self) -> None:
+        """Finish the batch in flight, if any (see :meth:`submit`)."""
+        async with self._serial:
+            await self._finish_in_flight()
+
+    async def _finish_in_flight(self, retry: bool = True) -> None:
+        batch, self._in_flight = self._in_flight, None
+        if batch is not None:
+            try:
+                await self._finish(batch, retry)
+            except BaseException:
+                self._drop(batch)
+                raise
+
+    def _drop(self, *batches: "_InFlight") -> None:
+        """Finishing was interrupted (the task cancelled as the worker stops, or an error): the
+        in-memory joins of these batches' partitions are ahead of what was persisted, so no
+        later batch may persist on top of them. Drop them; the batches are redelivered."""
+        if self._in_flight in batches:
+            self._in_flight = None
+        self.release(set().union(*(b.partitions for b in batches)))
+
+    async def _start(self, batch: "_InFlight") -> None:
+        """Queue the batch's messages (a refusal is kept as its failure, seen by _finish)."""
+        try:
+            batch.futures = await self._start_sends(batch.messages)
+        except DELIVERY_ERRORS as e:
+            batch.futures, batch.error = [], e
+
+    async def _finish(self, batch: "_InFlight", retry: bool = True) -> None:
+        """Wait until every message of ``batch`` is acknowledged (sending again after a failure,
+        unless ``retry`` is False: then the failure is raised), then persist its state."""
+        attempt = 0
+        while True:
+            outcomes = await asyncio.gather(*batch.futures, return_exceptions=True)
+            failed = batch.error or next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failed is None:
+                break
+            if not retry:
+                raise failed
+            attempt += 1
+            log.warning("partitions %s: delivery failed (%r); sending again (%d)",
+                        sorted(batch.partitions), failed, attempt)
+            await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+            batch.error = None
+            await self._start(batch)
+        self._persist(batch.results)
+        took = time.perf_counter() - batch.started
+        metrics.BATCH_SECONDS.observe(took)
+        if batch.records:
+            self.batch_times.append((took, len(batch.records)))
+            self.events_in += len(batch.records)
+        batch.on_done()
 
     async def tick(self) -> None:
-        """Idle-input detection on every partition held (see ``PartitionProcessor.tick``). A failed
-        delivery drops the in-memory changes; a later tick derives them again."""
+        """Idle-input detection on every partition held (see ``PartitionProcessor.tick``), after
+        the batch in flight is finished; what it emits is delivered and persisted as a batch."""
         async with self._serial:
             if self.producer is None:  # stopped (or not started yet)
                 return
+            await self._finish_in_flight()
             results = [(proc, proc.tick(self.settings.join.idle_input_s)) for proc in list(self.processors.values())]
             results = [(proc, r) for proc, r in results if r.messages or r.state_changes]
-            try:
-                await self._deliver(results)
-            except DELIVERY_ERRORS as e:
-                log.warning("idle-input tick: delivery failed (%r); partitions reopened", e)
-                self.release({proc.partition for proc, _ in results})
+            if results:
+                batch = _InFlight([], {proc.partition for proc, _ in results}, results, time.perf_counter())
+                await self._start(batch)
+                self._in_flight = batch
+                await self._finish_in_flight()
 
-    async def _deliver(self, results: list[tuple[PartitionProcessor, BatchResult]]) -> None:
-        """Produce every message of ``results``, wait until the broker acknowledged all of them,
-        then persist each partition's state. Raises the first delivery error, nothing persisted."""
-        messages = [m for _, result in results for m in result.messages]
-        if messages:
-            await self._send_all(messages)
-            for topic, n in Counter(topic for topic, _, _ in messages).items():
-                metrics.EVENTS_OUT.labels("streamer", topic).inc(n)
+    def _persist(self, results: list[tuple[PartitionProcessor, BatchResult]]) -> None:
+        """The batch's messages are acknowledged: count them and persist each partition's state."""
+        for topic, n in Counter(topic for _, result in results for topic, _, _ in result.messages).items():
+            metrics.EVENTS_OUT.labels("streamer", topic).inc(n)
         for proc, result in results:
             proc.commit(result)
             self.samples_out += result.samples
 
     async def _send_all(self, messages: list[tuple[str, bytes | None, bytes]]) -> None:
-        """Send ``messages`` in record batches, one per partition (more when one fills up), to the
-        partitions the default partitioner picks; wait for every batch's outcome, not just up to
-        the first failure, so nothing of a failed attempt is still in flight when it is redone."""
+        """Send ``messages`` and wait for every batch's outcome (see :meth:`_start_sends`); raises
+        the first failure."""
+        outcomes = await asyncio.gather(*await self._start_sends(messages), return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None:
+            raise failed
+
+    async def _start_sends(self, messages: list[tuple[str, bytes | None, bytes]]) -> list[asyncio.Future]:
+        """Queue ``messages`` in record batches, one per partition (more when one fills up), to the
+        partitions the default partitioner picks; returns one future per batch. The caller waits
+        for all of them, not just up to the first failure, so nothing of a failed attempt is
+        still in flight when it is redone."""
+        if not messages:
+            return []
         producer = self.producer
         if producer is None:
             raise KafkaError("the streamer's producer is not running")
@@ -258,10 +343,7 @@ class Streamer:
             for f in futures:  # this attempt is abandoned: its failures are expected, not news
                 f.add_done_callback(_retrieve)
             raise
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if failed is not None:
-            raise failed
+        return futures
 
     def _partition_cache(self, partitions: dict[str, list[int]]) -> dict[str, dict]:
         """Per topic, key -> partition as the partitioner picked it (murmur2 in pure Python costs
@@ -280,6 +362,30 @@ class Streamer:
     def close(self) -> None:
         """Close the partitions' stores (the producer is stopped by :meth:`stop`)."""
         self.release(set(self.processors))
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A processed batch whose messages are sent but not yet all acknowledged."""
+
+    records: list
+    partitions: set[int]
+    results: list[tuple[PartitionProcessor, BatchResult]]
+    started: float
+    on_done: Callable[[], None] = lambda: None
+    futures: list = field(default_factory=list)  # one per record batch sent
+    error: BaseException | None = None  # the sending itself was refused
+
+    @property
+    def messages(self) -> list[tuple[str, bytes | None, bytes]]:
+        return [m for _, result in self.results for m in result.messages]
+
+
+def _by_partition(records: list) -> dict[int, list]:
+    by_partition: dict[int, list] = defaultdict(list)
+    for r in records:
+        by_partition[r.partition].append(r)
+    return by_partition
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -342,20 +448,25 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
     inputs = app.topic(t.name("impressions"), t.name("clicks"), key_serializer="raw", value_serializer="raw")
     # Whole fetches instead of faust's per-message stream path (streamer/faust_batches.py): faust
     # still subscribes, fetches, tracks and commits the offsets; a batch is acked once handled.
-    batches = FetchBatches(app, [inputs])
+    batches = FetchBatches(app, [inputs], max_buffered=fetch_buffer_size(settings))
+    batch_max, batch_within_s = settings.streamer.batch_max_events, settings.streamer.batch_within_ms / 1000
 
-    # An error other than a failed delivery (handle retries those) ends this task and faust
-    # crashes the worker: nothing of the batch is acked, so the restarted worker redoes it
-    # (faust's take_events acked a batch even when the agent's body raised).
-    # No overlap of a batch's acknowledgements with the next batch: the loop acks a batch's
-    # offsets when handle returns, so only once the state is persisted. While handle awaits the
-    # broker, faust's consumer already fills the buffer with the next fetches.
+    # An error other than a failed delivery (submit retries those) ends this task and faust
+    # crashes the worker: nothing of the batch (nor of the one in flight) is acked, so the
+    # restarted worker redoes them (faust's take_events acked a batch even when the agent's body
+    # raised). Batches are pipelined by one (Streamer.submit): while the broker acknowledges a
+    # batch's samples the loop processes the next, and a batch's offsets are acked only once
+    # its state is persisted. When no full batch is buffered the one in flight is finished
+    # first, so a quiet stream never holds it back (and a rebalance, which clears the buffer
+    # and waits until every taken message is acked, never waits for it).
     @app.task
     async def join():
         while True:
-            messages = await batches.take(BATCH_MAX, BATCH_WITHIN_S)
-            await streamer.handle(messages)  # faust's messages have a Record's attributes
-            batches.ack(messages)
+            if streamer.in_flight and batches.buffered < batch_max:
+                await streamer.flush()
+            messages = await batches.take(batch_max, batch_within_s)
+            # faust's messages have a Record's attributes
+            await streamer.submit(messages, on_done=functools.partial(batches.ack, messages))
 
     @app.timer(interval=1.0)
     async def idle_inputs():

@@ -52,6 +52,11 @@ class FetchBatches:
         app.flow_control.manage_queue(self)  # cleared with faust's own buffers on a rebalance
 
     # -- the consumer's side ---------------------------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Messages waiting here."""
+        return self._buffered
+
     def full(self) -> bool:
         return self._buffered >= self.max_buffered
 
