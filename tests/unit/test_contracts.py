@@ -193,3 +193,22 @@ def test_dead_letter_envelope_keeps_original_bytes_and_source():
                                          key=b"u1"))
     assert (env.original, env.reason, env.source_topic, env.partition, env.offset, env.key) == (
         original, "malformed: x", "t", 3, 7, b"u1")
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"])
+@pytest.mark.parametrize("where", ["id", "features_key", "features_value", "outside", "trailing"])
+def test_invalid_utf8_anywhere_is_named_as_such(bad, where):
+    """The codec leaves UTF-8 validation to msgspec's parse (every byte of a contract that forbids
+    unknown fields is parsed) and checks it explicitly only to name a failure: invalid UTF-8 in
+    any position is still rejected with the "utf8" reason."""
+    good = {"event_id": "e1", "user_id": 1, "item_id": 2, "category_id": 3, "ts": 1_700_000_000_000,
+            "item_features": {"k": "v"}}
+    raw = json.dumps(good).encode()
+    raw = {"id": raw.replace(b'"e1"', b'"e' + bad + b'1"'),
+           "features_key": raw.replace(b'"k"', b'"k' + bad + b'"'),
+           "features_value": raw.replace(b'"v"', b'"' + bad + b'"'),
+           "outside": raw.replace(b', "ts"', b"," + bad + b' "ts"'),
+           "trailing": raw + bad}[where]
+    with pytest.raises(ContractError, match="^utf8: invalid UTF-8 at byte"):
+        Codec(Impression).decode(raw)
+    assert Codec(Impression).decode(json.dumps(good).encode()).item_features == {"k": "v"}
