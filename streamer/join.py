@@ -105,6 +105,7 @@ class LabelJoin:
         self._done_heap: list[tuple[int, str]] = []
         self._early_heap: list[tuple[int, str]] = []
         self._changes: dict[bytes, bytes | None] = {}
+        self._high_moved: set[str] = set()  # inputs whose highest time moved since drain_changes
         self.duplicates = 0
         self._watermark: int | None = None  # kept current by _observe, set_idle and restore
 
@@ -115,7 +116,8 @@ class LabelJoin:
         return self._watermark
 
     def _update_watermark(self) -> None:
-        active = [ts for name, ts in self.high.items() if name not in self.idle]
+        idle = self.idle
+        active = [ts for name, ts in self.high.items() if name not in idle] if idle else self.high.values()
         self._watermark = min(active) - self.lateness if active else None
 
     def set_idle(self, source: str, idle: bool) -> list[Outcome]:
@@ -126,12 +128,14 @@ class LabelJoin:
 
     def _observe(self, source: str, ts: int) -> None:
         # Called for every event: the watermark is recomputed only when an input's mark moves.
-        if ts > self.high.get(source, -1):
-            self.high[source] = ts
-            self._changes[_HIGH + source.encode()] = ts.to_bytes(8, "big", signed=True)
+        high = self.high
+        if ts > high.get(source, -1):
+            high[source] = ts
+            self._high_moved.add(source)  # its key is written by drain_changes
         elif source not in self.idle:
             return
-        self.idle.discard(source)
+        if self.idle:
+            self.idle.discard(source)
         self._update_watermark()
 
     # -- events ---------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class LabelJoin:
         click = self._take_early_click(imp)
         out: list[Outcome] = []
         if click is not None and not self.hold_positives:
-            self._finish(imp, 1)
+            self._finish(imp, 1, indexed=False)
             out.append(Outcome("positive", event_id, ts, raw, click.ts, extra))
         else:
             imp.click_ts = None if click is None else click.ts
@@ -252,11 +256,13 @@ class LabelJoin:
         heapq.heappush(self._pending_heap, (imp.ts + self.window, imp.event_id))
         self._changes[_PENDING + imp.event_id.encode()] = _enc.encode(imp)
 
-    def _finish(self, imp: Pending, label: int) -> None:
+    def _finish(self, imp: Pending, label: int, indexed: bool = True) -> None:
+        """``imp`` is done; ``indexed``: it was pending, so the indexes already name its id."""
         done = Done(imp.event_id, imp.user_id, imp.item_id, imp.ts, imp.request_id, label,
                     imp.raw if self.emit_corrections else b"")
         self.done[imp.event_id] = done
-        self._index(done)
+        if not indexed:
+            self._index(done)
         heapq.heappush(self._done_heap, (imp.ts + self.window + self.late_horizon, imp.event_id))
         self._changes[_DONE + imp.event_id.encode()] = _enc.encode(done)
 
@@ -292,6 +298,9 @@ class LabelJoin:
     def drain_changes(self) -> dict[bytes, bytes | None]:
         """Keys changed since the last call: bytes to put, or None to delete."""
         changes, self._changes = self._changes, {}
+        for source in self._high_moved:
+            changes[_HIGH + source.encode()] = self.high[source].to_bytes(8, "big", signed=True)
+        self._high_moved.clear()
         return changes
 
     def restore(self, items: Iterable[tuple[bytes, bytes]]) -> None:
@@ -312,4 +321,5 @@ class LabelJoin:
                 self.early[name] = e
                 heapq.heappush(self._early_heap, (e.ts, name))
         self._changes.clear()
+        self._high_moved.clear()
         self._update_watermark()

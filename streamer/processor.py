@@ -50,36 +50,41 @@ class _BatchCounters:
     batch's events are already in the store's counters, read before it. Ids are kept as given,
     so 1 and "1" are different users and items, as in the store."""
 
-    __slots__ = ("points", "applied", "by_kind")
+    __slots__ = ("points", "applied", "by_kind", "_rows")
 
     def __init__(self, points: int, applied: set[str]) -> None:
         self.points = points
         self.applied = applied
         # kind -> (user id -> counter, item id -> counter); the kinds in COUNTER_KEYS' order
         self.by_kind: dict[str, tuple[dict, dict]] = {"impressions": ({}, {}), "clicks": ({}, {})}
+        # per kind: its two maps and the counter names they add to (names built once, not per impression)
+        self._rows = tuple((users, items, "user_" + kind, "item_" + kind) for kind, (users, items) in self.by_kind.items())
 
     def count(self, kind: str, ev: Impression | Click) -> None:
-        applied = self.applied
-        if ev.event_id not in applied:
+        applied, eid = self.applied, ev.event_id
+        if eid not in applied:
             return
-        applied.discard(ev.event_id)  # counted once, whatever repeats the batch holds
+        applied.discard(eid)  # counted once, whatever repeats the batch holds
         users, items = self.by_kind[kind]
-        for counts, ident in ((users, ev.user_id), (items, ev.item_id)):
-            c = counts.get(ident)
-            if c is None:
-                c = counts[ident] = empty_counter()
-            counter_add(c, ev.ts, self.points)
+        ts, points = ev.ts, self.points
+        c = users.get(ev.user_id)
+        if c is None:
+            c = users[ev.user_id] = empty_counter()
+        counter_add(c, ts, points)
+        c = items.get(ev.item_id)
+        if c is None:
+            c = items[ev.item_id] = empty_counter()
+        counter_add(c, ts, points)
 
     def add_to(self, counters: dict[str, float], imp: Impression) -> None:
-        ts = imp.ts
-        for kind, (users, items) in self.by_kind.items():
-            if users:
-                c = users.get(imp.user_id)
-                if c is not None and (n := counter_as_of(c, ts)):
-                    counters["user_" + kind] += n
-                c = items.get(imp.item_id)
-                if c is not None and (n := counter_as_of(c, ts)):
-                    counters["item_" + kind] += n
+        ts, uid, iid = imp.ts, imp.user_id, imp.item_id
+        for users, items, user_key, item_key in self._rows:
+            c = users.get(uid)
+            if c is not None and (n := counter_as_of(c, ts)):
+                counters[user_key] += n
+            c = items.get(iid)
+            if c is not None and (n := counter_as_of(c, ts)):
+                counters[item_key] += n
 
 
 class BehaviourStore(Protocol):
