@@ -87,6 +87,11 @@ def event_hash(event_id: str) -> int:
     return int.from_bytes(blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+def event_hash_packed(event_id: str) -> bytes:
+    """:func:`event_hash` as it is stored: 8 bytes, little-endian (no int in between)."""
+    return blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
 # -- records ------------------------------------------------------------------------------------
 class UserRecord(msgspec.Struct, array_like=True):
     """A user's kept behaviours (oldest first, ordered by (ts, event hash)) and counters.

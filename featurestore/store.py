@@ -164,10 +164,15 @@ class PartitionStore:
                 else:
                     imps.append(ev)
             if before is not None and imps:  # the user's counters before anything changes them
+                ci, cc = user.impressions, user.clicks
+                # as_of's own fast path inlined: a time after the newest kept one counts them all
+                newest_i, newest_c = (ci[-2] if len(ci) > 1 else None), (cc[-2] if len(cc) > 1 else None)
                 for ev in imps:
-                    before[id(ev)] = {"user_impressions": float(as_of(user.impressions, ev.ts)),
-                                      "user_clicks": float(as_of(user.clicks, ev.ts)),
-                                      "item_impressions": 0.0, "item_clicks": 0.0}
+                    ts = ev.ts
+                    before[id(ev)] = {
+                        "user_impressions": float(ci[0] if newest_i is None or ts > newest_i else as_of(ci, ts)),
+                        "user_clicks": float(cc[0] if newest_c is None or ts > newest_c else as_of(cc, ts)),
+                        "item_impressions": 0.0, "item_clicks": 0.0}
                 item_queries += imps
             clicked, accepted = [], ()
             if behaviours:
@@ -190,13 +195,9 @@ class PartitionStore:
                     last = accepted[-1][0]
             new_imps = []
             if imps:
-                blob, ts_blob = bytearray(dd.imp_hashes), array("q", dd.imp_ts)
-                for ev in imps:
-                    if logic.accept_impression(dd, blob, ts_blob, ev_hash(ev.event_id), ev.ts, out):
-                        new_imps.append(ev)
-                        if applied is not None:
-                            applied.add(ev.event_id)
-                logic.trim_impressions(dd, blob, ts_blob, dedupe_n)
+                new_imps = logic.accept_impressions(dd, imps, dedupe_n, out)
+                if applied is not None:
+                    applied.update([ev.event_id for ev in new_imps])
                 out.impressions += len(new_imps)
             # Counters in event-time order (imps is sorted; clicks come sorted by (ts, hash)).
             if clicked:
@@ -230,14 +231,20 @@ class PartitionStore:
                 by_key[key].extend(rows)
             else:
                 by_key[key] = rows
-        asked: dict[bytes, list] = {}  # item key -> impressions wanting its counters before
+        by_item: dict[Any, list] = {}  # raw item id -> impressions wanting its counters before
         for ev in queries:
-            key = id_bytes(ev.item_id)
-            lst = asked.get(key)
+            lst = by_item.get(ev.item_id)
             if lst is None:
-                asked[key] = [ev]
+                by_item[ev.item_id] = [ev]
             else:
                 lst.append(ev)
+        asked: dict[bytes, list] = {}  # item key -> those impressions (id_bytes once per item)
+        for item, evs in by_item.items():
+            key = id_bytes(item)
+            if key in asked:  # e.g. 1 and True: the same stored id
+                asked[key].extend(evs)
+            else:
+                asked[key] = evs
         ikeys = list(by_key)
         ikeys += [k for k in asked if k not in by_key]
         raws = self._get_many([ITEM + k for k in ikeys])
@@ -245,10 +252,12 @@ class PartitionStore:
         for key, raw in zip(ikeys, raws):
             item = decode(ItemRecord, raw)
             if before is not None and key in asked:  # before this batch's rows change them
+                ci, cc = item.impressions, item.clicks
+                newest_i, newest_c = (ci[-2] if len(ci) > 1 else None), (cc[-2] if len(cc) > 1 else None)
                 for ev in asked[key]:
-                    c = before[id(ev)]
-                    c["item_impressions"] = float(as_of(item.impressions, ev.ts))
-                    c["item_clicks"] = float(as_of(item.clicks, ev.ts))
+                    c, ts = before[id(ev)], ev.ts
+                    c["item_impressions"] = float(ci[0] if newest_i is None or ts > newest_i else as_of(ci, ts))
+                    c["item_clicks"] = float(cc[0] if newest_c is None or ts > newest_c else as_of(cc, ts))
             evs = by_key.get(key)
             if evs is None:
                 continue  # only asked about: nothing to write
