@@ -88,3 +88,22 @@ def test_counter_extend_equals_repeated_counter_add(before, times, points):
         logic.counter_add(a, t, points)
     logic.counter_extend(b, times, points)
     assert a == b
+
+
+def test_accept_impressions_drops_repeats_and_forgotten_ids_and_trims_the_fifo():
+    from dmrstream.contracts import Impression
+
+    def imp(eid, ts):
+        return Impression(event_id=eid, user_id=1, item_id=2, category_id=3, ts=ts)
+
+    dd, out = codec.DedupeRecord(), logic.Outcome()
+    first = logic.accept_impressions(dd, [imp("a", 10), imp("b", 11), imp("a", 12)], 2, out)
+    assert [e.event_id for e in first] == ["a", "b"] and out.duplicates == 1  # repeat inside the batch
+    assert dd.imp_hashes == codec.event_hash_packed("a") + codec.event_hash_packed("b")
+    assert codec.event_hash_packed("a") == codec.event_hash("a").to_bytes(8, "little")  # the stored form
+    again = logic.accept_impressions(dd, [imp("b", 11), imp("c", 13)], 2, out)
+    assert [e.event_id for e in again] == ["c"] and out.duplicates == 2  # repeat of a stored id
+    # The FIFO keeps 2 ids: "a" (ts 10) was forgotten, raising the floor to 10, so a replay of it
+    # at or below that floor is dropped as too old, never counted twice.
+    assert dd.imp_floor_ts == 10 and len(dd.imp_hashes) == 16
+    assert logic.accept_impressions(dd, [imp("a", 10)], 2, out) == [] and out.too_old == 1
