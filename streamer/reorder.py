@@ -30,6 +30,7 @@ class EventTimeMerger(Generic[T]):
     def __init__(self, inputs: Iterable[str]):
         self.inputs = tuple(inputs)
         self._order = {name: i for i, name in enumerate(self.inputs)}
+        self._order_byte = {name: bytes([i]) for i, name in enumerate(self.inputs)}
         self.high: dict[str, int] = {}
         self.idle: set[str] = set()
         self._heap: list[bytes] = []  # keys sort by (ts, input order, event id)
@@ -59,8 +60,9 @@ class EventTimeMerger(Generic[T]):
         if ts > self.high.get(source, ts - 1):
             self.high[source] = ts
             self._high_moved.add(source)  # written at the next drain, not per event
-        self.idle.discard(source)
-        key = (ts + _TS_OFFSET).to_bytes(8, "big") + bytes([self._order[source]]) + event_id.encode()
+        if self.idle:
+            self.idle.discard(source)
+        key = (ts + _TS_OFFSET).to_bytes(8, "big") + self._order_byte[source] + event_id.encode()
         if key in self._items:
             return
         self._items[key] = (source, raw, decoded)
