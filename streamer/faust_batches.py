@@ -9,8 +9,9 @@ in batches.
 
 What stays faust's, unchanged: the subscription (the topics are added to the app's conductor),
 fetching, the read offsets and gaps, flow control and consumer generations on a rebalance, and
-the offsets it commits. A message taken from here is tracked as pending (``track_message``) and
-committed only once :meth:`FetchBatches.ack` acks it (``Consumer.ack``), so at-least-once holds
+the offsets it commits. A batch taken from here is tracked as pending (``track_message``'s work,
+one entry per batch) and its offsets are committed only once :meth:`FetchBatches.ack` acks it
+(``Consumer.ack``'s bookkeeping, for the whole batch at once), so at-least-once holds
 as with faust's streams: on a rebalance faust suspends the flow, drops what is buffered here
 (:meth:`clear`, through ``app.flow_control``) and waits until every taken message is acked
 before it commits and revokes; messages of an older generation are never taken; what was
@@ -24,7 +25,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from itertools import groupby
+from operator import attrgetter
 from typing import Any, Iterable
+
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 
 class FetchBatches:
@@ -100,10 +106,12 @@ class FetchBatches:
                 continue  # a rebalance began meanwhile (and cleared the buffer)
             batch = self._pop(max_)
             generation = app.consumer_generation_id
-            taken = [m for m in batch if m.generation_id == generation]  # else fetched before a rebalance
+            taken = TakenBatch(m for m in batch if m.generation_id == generation)  # else fetched before a rebalance
             if taken:
-                # Consumer.track_message without its per-message sensor call: pending until acked.
-                app.consumer.unacked.update(taken)
+                # Consumer.track_message's work, once per batch: one entry stands for the batch in
+                # the consumer's set of unacked messages (what a rebalance waits to see empty).
+                taken.pending = PendingBatch(len(taken))
+                app.consumer.unacked.add(taken.pending)
                 return taken
 
     def _pop(self, max_: int) -> list:
@@ -122,7 +130,50 @@ class FetchBatches:
         return batch
 
     def ack(self, messages: list) -> None:
-        """The batch is done: its offsets may be committed (faust's ``Consumer.ack``)."""
-        ack = self.app.consumer.ack
-        for message in messages:
-            ack(message)
+        """The batch is done: its offsets may be committed. ``Consumer.ack``'s bookkeeping for the
+        whole batch at once, under faust's ack lock: each offset not acked yet and not below the
+        committed one is recorded for its partition (faust commits from these), then the batch's
+        entry leaves the unacked set and a rebalance waiting for it is woken. A batch is acked once."""
+        pending = getattr(messages, "pending", None)
+        consumer = self.app.consumer
+        if pending is None:  # not a batch from take: faust's own ack, message by message
+            for message in messages:
+                consumer.ack(message)
+            return
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        with ack_lock:
+            if pending.acked:
+                return
+            pending.acked = True
+            for tp, group in groupby(messages, key=_TP):  # fetches come in runs of one partition
+                if not acks_enabled_for(tp.topic):
+                    continue
+                committed = consumer._committed_offset[tp]
+                acked_index = consumer._acked_index[tp]
+                new = [o for o in map(_OFFSET, group) if (committed is None or o >= committed) and o not in acked_index]
+                acked_index.update(new)
+                consumer._acked[tp].extend(new)
+                consumer._n_acked += len(new)
+            consumer.unacked.discard(pending)
+            notify(consumer._waiting_for_ack)
+
+
+class PendingBatch:
+    """Stands for a taken batch in faust's set of unacked messages: faust only tests that set for
+    emptiness (``Consumer.wait_empty``) and reads ``acked`` and ``refcount`` of its entries."""
+
+    __slots__ = ("acked", "refcount", "__weakref__")  # the set is a WeakSet
+
+    def __init__(self, messages: int):
+        self.acked = False
+        self.refcount = messages
+
+
+class TakenBatch(list):
+    """A batch from :meth:`FetchBatches.take`: its messages, and its entry in the unacked set."""
+
+    __slots__ = ("pending",)
+
+
+_TP = attrgetter("tp")
+_OFFSET = attrgetter("offset")
