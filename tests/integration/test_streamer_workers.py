@@ -16,7 +16,7 @@ import pytest
 from kafka import TopicPartition
 
 from dmrstream.contracts import Click, Codec, Impression, Sample, encode
-from dmrstream.kafkaio import create_topics, make_consumer, make_producer
+from dmrstream.kafkaio import create_topics, make_admin, make_consumer, make_producer
 from dmrstream.settings import load_settings
 from pipeline_reference import partition_of, reference_sequences, store_mismatches, watermarks
 
@@ -100,6 +100,37 @@ class SampleReader:
         raise AssertionError(f"samples stuck at {len(self.labels)} (< {want_at_least})")
 
 
+def _input_partitions(s) -> list[TopicPartition]:
+    return [TopicPartition(s.topics.name(n), p) for n in ("impressions", "clicks") for p in range(4)]
+
+
+def _committed(s) -> dict[TopicPartition, int | None]:
+    admin = make_admin(s)
+    try:
+        group = f"{s.topics.prefix}streamer"
+        got = admin.list_group_offsets({group: _input_partitions(s)})[group]
+    finally:
+        admin.close()
+    return {tp: (m.offset if m is not None and m.offset >= 0 else None) for tp, m in got.items()}
+
+
+def _next_offsets(s) -> dict[TopicPartition, int | None]:
+    """One past the last record's offset of each input partition (None: empty), read back."""
+    c = make_consumer(s, None, [])
+    tps = _input_partitions(s)
+    c.assign(tps)
+    c.seek_to_beginning()
+    last: dict[TopicPartition, int | None] = dict.fromkeys(tps)
+    deadline, idle = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and idle < 3:
+        polled = c.poll(500)
+        idle = 0 if polled else idle + 1
+        for tp, records in polled.items():
+            last[tp] = records[-1].offset + 1
+    c.close()
+    return last
+
+
 def _stop(*procs):
     for p in procs:
         if p.poll() is None:
@@ -128,6 +159,9 @@ def test_two_workers_with_a_sigkill_equal_one_worker(broker, tmp_path):
         ref.until_stable(want)
     finally:
         _stop(w)
+    # Every input record was acked, so the streamer's group committed past each partition's last
+    # record (faust commits from the acks the batch loop gives it).
+    assert _committed(single) == _next_offsets(single)
 
     multi = _settings(broker, tmp_path, "two")
     create_topics(multi)
