@@ -59,9 +59,10 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def fetch_buffer_size(settings: Settings) -> int:
-    """Messages the consumer may buffer ahead of the batch loop: three batches, so that while one
-    is processed (the event loop is busy: no fetching) the next is already there. With a buffer
-    of one batch or less the loop waited for fetches after every batch."""
+    """The bound at which the consumer stops fetching for the batch loop (a fetch in hand is still
+    put whole, so the buffer can overshoot it): at least three batches, so that a full batch is
+    always there to take on a backlog. Below one batch the bound would stop the consumer before a
+    batch fills, and every take would wait out ``batch_within_ms``."""
     return max(20_000, 3 * settings.streamer.batch_max_events)
 
 
