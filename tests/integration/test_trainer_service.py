@@ -86,8 +86,12 @@ def test_trainer_killed_five_times_learns_every_sample_once(broker, tmp_path):
     while kills < 5:
         proc = subprocess.Popen(_cmd(s), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3.5, 6.0))
+        # Its prefetch process (and multiprocessing's tracker); on a slow host the trainer may
+        # still be importing torch: the kill waits until they run (a CI run once saw none at 3.5 s).
+        started_by = time.monotonic() + 30
+        while not (children := _children(proc.pid)) and proc.poll() is None and time.monotonic() < started_by:
+            time.sleep(0.1)
         assert proc.poll() is None, "trainer died by itself"
-        children = _children(proc.pid)  # its prefetch process (and multiprocessing's tracker)
         assert children, "the trainer runs no prefetch process"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
