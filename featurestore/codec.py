@@ -84,7 +84,7 @@ def event_hash(event_id: str) -> int:
     """Stable 64-bit hash of an event id (dedupe memory and the tie-break of equal timestamps).
 
     Python's ``hash`` is salted per process, so it cannot be persisted."""
-    return int.from_bytes(blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return int.from_bytes(event_hash_packed(event_id), "little")
 
 
 def event_hash_packed(event_id: str) -> bytes:

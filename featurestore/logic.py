@@ -106,6 +106,14 @@ def counter_as_of(c: list[int], as_of: int | None) -> int:
     return c[0]  # unreachable: as_of <= the newest point
 
 
+def counter_as_of_each(c: list[int], times: list[int]) -> list[float]:
+    """:func:`counter_as_of` of each time, as floats (the feature values), in one call: most
+    times are after the newest kept one (a stream in order) and count everything."""
+    n, total = len(c), float(c[0])
+    newest = c[n - 2] if n > 1 else None
+    return [total if newest is None or t > newest else float(counter_as_of(c, t)) for t in times]
+
+
 def contains_hash(blob: bytes | bytearray, packed: bytes) -> bool:
     """Whether the 8-byte ``packed`` hash is one of the aligned entries of ``blob`` (C-speed)."""
     i = blob.find(packed)

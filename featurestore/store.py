@@ -146,7 +146,7 @@ class PartitionStore:
         item_events: dict[Any, list] = {}
         item_queries: list = []  # impressions whose item counters go into ``before``
         ev_hash = event_hash
-        as_of = logic.counter_as_of
+        as_of_each = logic.counter_as_of_each
         for i, uk in enumerate(ukeys):
             raw_user = raws[i]
             user = decode(UserRecord, raw_user)
@@ -164,15 +164,11 @@ class PartitionStore:
                 else:
                     imps.append(ev)
             if before is not None and imps:  # the user's counters before anything changes them
-                ci, cc = user.impressions, user.clicks
-                # as_of's own fast path inlined: a time after the newest kept one counts them all
-                newest_i, newest_c = (ci[-2] if len(ci) > 1 else None), (cc[-2] if len(cc) > 1 else None)
-                for ev in imps:
-                    ts = ev.ts
-                    before[id(ev)] = {
-                        "user_impressions": float(ci[0] if newest_i is None or ts > newest_i else as_of(ci, ts)),
-                        "user_clicks": float(cc[0] if newest_c is None or ts > newest_c else as_of(cc, ts)),
-                        "item_impressions": 0.0, "item_clicks": 0.0}
+                times = [ev.ts for ev in imps]
+                for ev, n_imps, n_clicks in zip(imps, as_of_each(user.impressions, times),
+                                                as_of_each(user.clicks, times)):
+                    before[id(ev)] = {"user_impressions": n_imps, "user_clicks": n_clicks,
+                                      "item_impressions": 0.0, "item_clicks": 0.0}
                 item_queries += imps
             clicked, accepted = [], ()
             if behaviours:
@@ -224,13 +220,7 @@ class PartitionStore:
 
     def _apply_items(self, item_events: dict[Any, list], records: list, points: int,
                      queries: list = (), before: dict[int, dict] | None = None) -> None:
-        by_key: dict[bytes, list] = {}
-        for item, rows in item_events.items():
-            key = id_bytes(item)
-            if key in by_key:  # e.g. 1 and True: the same stored id
-                by_key[key].extend(rows)
-            else:
-                by_key[key] = rows
+        by_key = _by_stored_id(item_events)
         by_item: dict[Any, list] = {}  # raw item id -> impressions wanting its counters before
         for ev in queries:
             lst = by_item.get(ev.item_id)
@@ -238,26 +228,20 @@ class PartitionStore:
                 by_item[ev.item_id] = [ev]
             else:
                 lst.append(ev)
-        asked: dict[bytes, list] = {}  # item key -> those impressions (id_bytes once per item)
-        for item, evs in by_item.items():
-            key = id_bytes(item)
-            if key in asked:  # e.g. 1 and True: the same stored id
-                asked[key].extend(evs)
-            else:
-                asked[key] = evs
+        asked = _by_stored_id(by_item)
         ikeys = list(by_key)
         ikeys += [k for k in asked if k not in by_key]
         raws = self._get_many([ITEM + k for k in ikeys])
-        as_of = logic.counter_as_of
+        as_of_each = logic.counter_as_of_each
         for key, raw in zip(ikeys, raws):
             item = decode(ItemRecord, raw)
             if before is not None and key in asked:  # before this batch's rows change them
-                ci, cc = item.impressions, item.clicks
-                newest_i, newest_c = (ci[-2] if len(ci) > 1 else None), (cc[-2] if len(cc) > 1 else None)
-                for ev in asked[key]:
-                    c, ts = before[id(ev)], ev.ts
-                    c["item_impressions"] = float(ci[0] if newest_i is None or ts > newest_i else as_of(ci, ts))
-                    c["item_clicks"] = float(cc[0] if newest_c is None or ts > newest_c else as_of(cc, ts))
+                evs = asked[key]
+                times = [ev.ts for ev in evs]
+                for ev, n_imps, n_clicks in zip(evs, as_of_each(item.impressions, times),
+                                                as_of_each(item.clicks, times)):
+                    c = before[id(ev)]
+                    c["item_impressions"], c["item_clicks"] = n_imps, n_clicks
             evs = by_key.get(key)
             if evs is None:
                 continue  # only asked about: nothing to write
@@ -505,6 +489,19 @@ class PartitionStore:
 
 
 _first = itemgetter(0)  # a C key function: sorting calls it once per event
+
+
+def _by_stored_id(by_raw_id: dict[Any, list]) -> dict[bytes, list]:
+    """Lists grouped by raw item id, regrouped by stored id (``id_bytes`` once per distinct id;
+    ids such as 1 and True that are stored alike are merged)."""
+    out: dict[bytes, list] = {}
+    for raw_id, rows in by_raw_id.items():
+        key = id_bytes(raw_id)
+        if key in out:
+            out[key].extend(rows)
+        else:
+            out[key] = rows
+    return out
 
 
 def _group_by_user(events: Iterable, out: logic.Outcome) -> dict[bytes, list]:

@@ -26,6 +26,8 @@ def test_counter_as_of_is_exact_from_its_oldest_kept_time(times, points, data):
     if not kept or as_of >= kept[0] or len(set(times)) <= points:
         assert logic.counter_as_of(c, as_of) == brute(times, as_of)
     assert logic.counter_as_of(c, None) == len(times)
+    asked = data.draw(st.lists(st.integers(-1, 45), max_size=10))
+    assert logic.counter_as_of_each(c, asked) == [float(logic.counter_as_of(c, t)) for t in asked]
 
 
 def test_counter_in_order_same_timestamp_excludes_siblings():
