@@ -213,7 +213,7 @@ class Streamer:
             started = time.perf_counter()
             by_partition = _by_partition(records)
             procs = [(self.processor(p), recs) for p, recs in by_partition.items()]
-            batch = _InFlight(records, set(by_partition), [(proc, proc.process(recs)) for proc, recs in procs],
+            batch = _InFlight(len(records), set(by_partition), [(proc, proc.process(recs)) for proc, recs in procs],
                               started, on_done)
             await self._start(batch)
             previous, self._in_flight = self._in_flight, batch
@@ -273,9 +273,9 @@ class Streamer:
         self._persist(batch.results)
         took = time.perf_counter() - batch.started
         metrics.BATCH_SECONDS.observe(took)
-        if batch.records:
-            self.batch_times.append((took, len(batch.records)))
-            self.events_in += len(batch.records)
+        if batch.events:  # a tick's output counts no consumed events
+            self.batch_times.append((took, batch.events))
+            self.events_in += batch.events
         batch.on_done()
 
     async def tick(self) -> None:
@@ -288,7 +288,7 @@ class Streamer:
             results = [(proc, proc.tick(self.settings.join.idle_input_s)) for proc in list(self.processors.values())]
             results = [(proc, r) for proc, r in results if r.messages or r.state_changes]
             if results:
-                batch = _InFlight([], {proc.partition for proc, _ in results}, results, time.perf_counter())
+                batch = _InFlight(0, {proc.partition for proc, _ in results}, results, time.perf_counter())
                 await self._start(batch)
                 self._in_flight = batch
                 await self._finish_in_flight()
@@ -301,19 +301,11 @@ class Streamer:
             proc.commit(result)
             self.samples_out += result.samples
 
-    async def _send_all(self, messages: list[tuple[str, bytes | None, bytes]]) -> None:
-        """Send ``messages`` and wait for every batch's outcome (see :meth:`_start_sends`); raises
-        the first failure."""
-        outcomes = await asyncio.gather(*await self._start_sends(messages), return_exceptions=True)
-        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if failed is not None:
-            raise failed
-
     async def _start_sends(self, messages: list[tuple[str, bytes | None, bytes]]) -> list[asyncio.Future]:
         """Queue ``messages`` in record batches, one per partition (more when one fills up), to the
-        partitions the default partitioner picks; returns one future per batch. The caller waits
-        for all of them, not just up to the first failure, so nothing of a failed attempt is
-        still in flight when it is redone."""
+        partitions the default partitioner picks; returns one future per batch. :meth:`_finish`
+        waits for all of them, not just up to the first failure, so nothing of a failed attempt
+        is still in flight when it is sent again."""
         if not messages:
             return []
         producer = self.producer
@@ -369,7 +361,7 @@ class Streamer:
 class _InFlight:
     """A processed batch whose messages are sent but not yet all acknowledged."""
 
-    records: list
+    events: int  # consumed messages in it
     partitions: set[int]
     results: list[tuple[PartitionProcessor, BatchResult]]
     started: float

@@ -129,17 +129,13 @@ class FetchBatches:
         self._changed.set()  # room for the consumer
         return batch
 
-    def ack(self, messages: list) -> None:
-        """The batch is done: its offsets may be committed. ``Consumer.ack``'s bookkeeping for the
-        whole batch at once, under faust's ack lock: each offset not acked yet and not below the
-        committed one is recorded for its partition (faust commits from these), then the batch's
-        entry leaves the unacked set and a rebalance waiting for it is woken. A batch is acked once."""
-        pending = getattr(messages, "pending", None)
-        consumer = self.app.consumer
-        if pending is None:  # not a batch from take: faust's own ack, message by message
-            for message in messages:
-                consumer.ack(message)
-            return
+    def ack(self, messages: "TakenBatch") -> None:
+        """The batch (from :meth:`take`) is done: its offsets may be committed. ``Consumer.ack``'s
+        bookkeeping for the whole batch at once, under faust's ack lock: each offset not acked yet
+        and not below the committed one is recorded for its partition (faust commits from these),
+        then the batch's entry leaves the unacked set and a rebalance waiting for it is woken. A
+        batch is acked once."""
+        pending, consumer = messages.pending, self.app.consumer
         acks_enabled_for = self.app.topics.acks_enabled_for
         with ack_lock:
             if pending.acked:

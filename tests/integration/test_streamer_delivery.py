@@ -99,9 +99,13 @@ def _batches(n_batches: int = 4, per_batch: int = 60) -> list[list[Record]]:
     return [out[i:i + size] for i in range(0, len(out), size)]
 
 
-def _run(settings, producer, script) -> tuple[Streamer, list[int]]:
-    """Feed the batches through a Streamer; ``script(i, producer)`` arms failures before batch i."""
+def _run(settings, producer, script, pipelined: bool = False) -> tuple[Streamer, list[int], list[int]]:
+    """Feed the batches through a Streamer, serially (``handle``) or pipelined (``submit``: a
+    batch is finished when the next is submitted, the last by ``flush``); ``script(i, producer)``
+    arms failures before batch i. Returns the streamer, the partitions opened, and the batches
+    finished (their ``on_done`` calls), in order."""
     opened: list[int] = []
+    done: list[int] = []
 
     def open_store(p):
         opened.append(p)
@@ -112,10 +116,18 @@ def _run(settings, producer, script) -> tuple[Streamer, list[int]]:
     async def go():
         for i, batch in enumerate(_batches()):
             script(i, producer)
-            await streamer.handle(batch)
+            if pipelined:
+                await streamer.submit(batch, on_done=lambda i=i: done.append(i))
+                # One batch stays in flight: everything before it is finished, in order.
+                assert streamer.in_flight and done == list(range(i))
+            else:
+                await streamer.handle(batch)
+                done.append(i)
+        await streamer.flush()
+        assert not streamer.in_flight
 
     asyncio.run(go())
-    return streamer, opened
+    return streamer, opened, done
 
 
 def _copies(acked) -> dict[str, list[Sample]]:
@@ -144,8 +156,8 @@ def _fail_twice(i, producer):
 def runs(tmp_path_factory):
     """The same batches through a clean delivery and through one that fails twice."""
     tmp = tmp_path_factory.mktemp("delivery")
-    clean, _ = _run(_settings(tmp, "clean"), ScriptedProducer(), lambda i, p: None)
-    faulty, opened = _run(_settings(tmp, "faulty"), ScriptedProducer(), _fail_twice)
+    clean, _, _ = _run(_settings(tmp, "clean"), ScriptedProducer(), lambda i, p: None)
+    faulty, opened, _ = _run(_settings(tmp, "faulty"), ScriptedProducer(), _fail_twice)
     clean.close()
     faulty.close()
     return clean, faulty, opened
@@ -191,14 +203,14 @@ def test_producer_authenticates_as_the_faust_clients():
 
 
 def test_remembered_key_partitions_follow_partition_changes_and_unkeyed_records_stay_random(tmp_path):
-    """Streamer._send_all remembers murmur2's partition per key: forgotten when the topic's
+    """Streamer._start_sends remembers murmur2's partition per key: forgotten when the topic's
     partitions change; a record without a key is spread at random every time, never pinned."""
     streamer = Streamer(_settings(tmp_path, "cache"), lambda p: None, ScriptedProducer(batch_records=1000))
     producer = streamer.producer
 
     async def send(messages):
         producer.acked.clear()
-        await streamer._send_all(messages)
+        await asyncio.gather(*await streamer._start_sends(messages))
         return [part for _, part, _, _ in producer.acked]
 
     keys = [str(u).encode() for u in range(50)]
@@ -212,31 +224,6 @@ def test_remembered_key_partitions_follow_partition_changes_and_unkeyed_records_
     assert cache["d.samples"] == {}
 
 
-def _run_submitted(settings, producer, script) -> tuple[Streamer, list[int], list[int]]:
-    """As :func:`_run`, through the pipelined ``Streamer.submit`` (a batch is finished when the
-    next is submitted; the last by ``flush``). Returns the batches' ``on_done`` calls in order."""
-    opened: list[int] = []
-    done: list[int] = []
-
-    def open_store(p):
-        opened.append(p)
-        return open_partition_store(settings, p)
-
-    streamer = Streamer(settings, open_store, producer)
-
-    async def go():
-        for i, batch in enumerate(_batches()):
-            script(i, producer)
-            await streamer.submit(batch, on_done=lambda i=i: done.append(i))
-            # One batch stays in flight: everything before it is finished, in order.
-            assert streamer.in_flight and done == list(range(i))
-        await streamer.flush()
-        assert not streamer.in_flight
-
-    asyncio.run(go())
-    return streamer, opened, done
-
-
 @pytest.mark.parametrize("script", [lambda i, p: None, _fail_twice], ids=["clean", "failing"])
 def test_pipelined_submit_gives_the_samples_of_serial_handling(runs, tmp_path, script):
     """Batch i+1 is processed while batch i's acks are awaited. A failure of batch 1's sends is
@@ -246,7 +233,7 @@ def test_pipelined_submit_gives_the_samples_of_serial_handling(runs, tmp_path, s
     are those of the serial clean run, and no partition is reopened."""
     clean, _, _ = runs
     reference = {sid: copies[0] for sid, copies in _copies(clean.producer.acked).items()}
-    piped, opened, done = _run_submitted(_settings(tmp_path, "piped"), ScriptedProducer(), script)
+    piped, opened, done = _run(_settings(tmp_path, "piped"), ScriptedProducer(), script, pipelined=True)
     piped.close()
     assert done == [0, 1, 2, 3]  # every batch finished once, in order
     assert piped.samples_out == clean.samples_out and piped.events_in == clean.events_in
