@@ -458,7 +458,7 @@ def create_app(settings: Settings, open_store: Callable[[int], Any] | None = Non
             if streamer.in_flight and batches.buffered < batch_max:
                 await streamer.flush()
             messages = await batches.take(batch_max, batch_within_s)
-            # faust's messages have a Record's attributes
+            # aiokafka's records have a Record's attributes
             await streamer.submit(messages, on_done=functools.partial(batches.ack, messages))
 
     @app.timer(interval=1.0)

@@ -4,8 +4,8 @@ faust hands every message to the streams one by one: conductor (key/value decodi
 the channel's queue, the stream's iterator with its sensors, ``take_events``' buffer, then an ack
 per event. That per-message path costs ~70 us here (bench/streamer.py's faust floor). A topic
 registered here skips it: the streamer's consumer (``streamer/faust_transport.py``) puts each
-fetch's messages of that topic into this buffer as one list, and the worker's loop takes them
-in batches.
+fetch's records of that topic into this buffer as one :class:`FetchedRun` per partition (aiokafka's
+records: no faust message object per record), and the worker's loop takes them in batches.
 
 What stays faust's, unchanged: the subscription (the topics are added to the app's conductor),
 fetching, the read offsets and gaps, flow control and consumer generations on a rebalance, and
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from itertools import groupby
 from operator import attrgetter
 from typing import Any, Iterable
 
@@ -66,10 +65,10 @@ class FetchBatches:
     def full(self) -> bool:
         return self._buffered >= self.max_buffered
 
-    def put(self, messages: list) -> None:
-        """A fetch's messages of these topics (consumer order), not tracked yet."""
-        self._fetches.append(messages)
-        self._buffered += len(messages)
+    def put(self, runs: list["FetchedRun"]) -> None:
+        """A fetch's records of these topics, one run per partition, not tracked yet."""
+        self._fetches.extend(runs)
+        self._buffered += sum(len(run.records) for run in runs)
         self._changed.set()
 
     async def wait_room(self) -> None:
@@ -85,9 +84,9 @@ class FetchBatches:
 
     # -- the batch loop's side ---------------------------------------------------------------------
     async def take(self, max_: int, within: float) -> list:
-        """The next batch: up to ``max_`` messages, waiting up to ``within`` seconds after the
-        first arrives for more. Every message returned belongs to the current consumer
-        generation and is tracked as pending until :meth:`ack`."""
+        """The next batch: up to ``max_`` records, waiting up to ``within`` seconds after the
+        first arrives for more. Every record returned was fetched in the current consumer
+        generation; the batch is tracked as pending until :meth:`ack`."""
         app, loop = self.app, asyncio.get_running_loop()
         while True:
             await app.flow_control.acquire()  # as FlowControlQueue.get: not during a rebalance
@@ -104,49 +103,54 @@ class FetchBatches:
                     break
             if not app.flow_control.is_active() or not self._fetches:
                 continue  # a rebalance began meanwhile (and cleared the buffer)
-            batch = self._pop(max_)
             generation = app.consumer_generation_id
-            taken = TakenBatch(m for m in batch if m.generation_id == generation)  # else fetched before a rebalance
-            if taken:
+            runs = [run for run in self._pop(max_) if run.generation_id == generation]  # else fetched before a rebalance
+            if runs:
+                taken = TakenBatch()
+                for run in runs:
+                    taken += run.records
+                taken.runs = runs
                 # Consumer.track_message's work, once per batch: one entry stands for the batch in
                 # the consumer's set of unacked messages (what a rebalance waits to see empty).
                 taken.pending = PendingBatch(len(taken))
                 app.consumer.unacked.add(taken.pending)
                 return taken
 
-    def _pop(self, max_: int) -> list:
-        batch: list = []
-        fetches = self._fetches
-        while fetches and len(batch) < max_:
+    def _pop(self, max_: int) -> list["FetchedRun"]:
+        """Runs of up to ``max_`` records in all, in buffer order (the last one split if need be)."""
+        runs: list[FetchedRun] = []
+        fetches, room = self._fetches, max_
+        while fetches and room > 0:
             first = fetches[0]
-            room = max_ - len(batch)
-            if len(first) <= room:
-                batch += fetches.popleft()
+            if len(first.records) <= room:
+                runs.append(fetches.popleft())
             else:
-                batch += first[:room]
-                fetches[0] = first[room:]
-        self._buffered -= len(batch)
+                runs.append(FetchedRun(first.tp, first.generation_id, first.records[:room]))
+                fetches[0] = FetchedRun(first.tp, first.generation_id, first.records[room:])
+            room -= len(runs[-1].records)
+        self._buffered -= max_ - room
         self._changed.set()  # room for the consumer
-        return batch
+        return runs
 
-    def ack(self, messages: "TakenBatch") -> None:
+    def ack(self, batch: "TakenBatch") -> None:
         """The batch (from :meth:`take`) is done: its offsets may be committed. ``Consumer.ack``'s
         bookkeeping for the whole batch at once, under faust's ack lock: each offset not acked yet
         and not below the committed one is recorded for its partition (faust commits from these),
         then the batch's entry leaves the unacked set and a rebalance waiting for it is woken. A
         batch is acked once."""
-        pending, consumer = messages.pending, self.app.consumer
+        pending, consumer = batch.pending, self.app.consumer
         acks_enabled_for = self.app.topics.acks_enabled_for
         with ack_lock:
             if pending.acked:
                 return
             pending.acked = True
-            for tp, group in groupby(messages, key=_TP):  # fetches come in runs of one partition
+            for run in batch.runs:
+                tp = run.tp
                 if not acks_enabled_for(tp.topic):
                     continue
                 committed = consumer._committed_offset[tp]
                 acked_index = consumer._acked_index[tp]
-                new = [o for o in map(_OFFSET, group) if (committed is None or o >= committed) and o not in acked_index]
+                new = [o for o in map(_OFFSET, run.records) if (committed is None or o >= committed) and o not in acked_index]
                 acked_index.update(new)
                 consumer._acked[tp].extend(new)
                 consumer._n_acked += len(new)
@@ -166,10 +170,20 @@ class PendingBatch:
 
 
 class TakenBatch(list):
-    """A batch from :meth:`FetchBatches.take`: its messages, and its entry in the unacked set."""
+    """A batch from :meth:`FetchBatches.take`: its records, the runs they came in, and its entry
+    in the unacked set."""
 
-    __slots__ = ("pending",)
+    __slots__ = ("runs", "pending")
 
 
-_TP = attrgetter("tp")
+class FetchedRun:
+    """Records of one partition from one fetch, in offset order, and the consumer generation
+    they were fetched in."""
+
+    __slots__ = ("tp", "generation_id", "records")
+
+    def __init__(self, tp: Any, generation_id: int, records: list):
+        self.tp, self.generation_id, self.records = tp, generation_id, records
+
+
 _OFFSET = attrgetter("offset")

@@ -15,9 +15,15 @@ inputs, see ``streamer/faust_batches.py``) skip the per-message hand-over altoge
 messages of such a topic go to its buffer as one list after the fetch (read offsets and gaps
 kept as faust keeps them). That takes faust's floor from ~14,000 to ~140,000 events/s here.
 
-The method below is faust-streaming 0.15.3's ``_drain_messages`` with these two changes (the pin
-in pyproject/requirements.lock; tests/unit/test_faust_transport.py fails when faust's own method
-changes, so that this copy is reviewed on an upgrade).
+A third: for those topics, what faust's ``getmany`` does per record (generation and partition
+checks, the end-offset sensor, a ``ConsumerMessage`` built from aiokafka's record) and the loop's
+read-offset and gap bookkeeping are done once per partition of a fetch, and aiokafka's records go
+to the buffer as they are (:class:`~streamer.faust_batches.FetchedRun`): the floor went from
+~200,000 to ~260,000 events/s (bench/streamer.py, paired runs).
+
+The methods below are faust-streaming 0.15.3's ``_drain_messages`` and ``getmany`` with these
+changes (the pin in pyproject/requirements.lock; tests/unit/test_faust_transport.py fails when
+faust's own methods change, so that this copy is reviewed on an upgrade).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any, Coroutine, Generator
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
+
+from streamer.faust_batches import FetchedRun
 
 
 class _Rest:
@@ -60,7 +68,6 @@ class EagerHandOverConsumer(aiokafka_driver.Consumer):
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover (the worker runs it)
         callback = self.callback
-        getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         get_read_offset = self._read_offset.__getitem__
@@ -77,11 +84,18 @@ class EagerHandOverConsumer(aiokafka_driver.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(flag_consumer_fetching)
-                ait = getmany(timeout=1.0)
+                # change 3: getmany's fetch, whole-fetch topics split off per partition
+                fetch = await self._fetch(timeout=1.0)
                 await self.sleep(0)
-                if not self.should_stop:
-                    fetched: dict = {}  # FetchBatches -> this fetch's messages for it
-                    async for tp, message in ait:
+                if fetch is not None and not self.should_stop:
+                    records, active_partitions, generation_id = fetch
+                    whole = {tp: recs for tp, recs in records.items() if tp.topic in sinks} if sinks else None
+                    if whole:  # change 2: a whole-fetch topic's messages go over per fetch
+                        records = {tp: recs for tp, recs in records.items() if tp not in whole}
+                        fetched = await self._whole_fetch_runs(whole, active_partitions, generation_id)
+                        for sink, runs in fetched.items():
+                            await self._hand_over_fetch(sink, runs)
+                    async for tp, message in self._messages(records, active_partitions, generation_id):
                         num_since_yield += 1
                         if num_since_yield > yield_every:
                             await sleep(0)
@@ -97,15 +111,6 @@ class EagerHandOverConsumer(aiokafka_driver.Consumer):
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
-                            sink = sinks.get(message.topic) if sinks else None
-                            if sink is not None:  # change 2: a whole-fetch topic
-                                batch = fetched.get(sink)
-                                if batch is None:
-                                    fetched[sink] = [message]
-                                else:
-                                    batch.append(message)
-                                set_read_offset(tp, offset)
-                                continue
                             # change 1: step the hand-over in place first
                             handover = callback(message)
                             try:
@@ -117,9 +122,7 @@ class EagerHandOverConsumer(aiokafka_driver.Consumer):
                             set_read_offset(tp, offset)
                         else:
                             self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
-                    for sink, batch in fetched.items():
-                        await self._hand_over_fetch(sink, batch)
-                    unset_flag(flag_consumer_fetching)
+                unset_flag(flag_consumer_fetching)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 # we're already stopping so ignore
@@ -138,16 +141,81 @@ class EagerHandOverConsumer(aiokafka_driver.Consumer):
         finally:
             unset_flag(flag_consumer_fetching)
 
+    # -- faust's getmany in two parts: the fetch, then its messages --------------------------------
+    async def _fetch(self, timeout: float) -> tuple[dict, Any, int] | None:
+        """The first half of faust's ``getmany``: the next fetch's records by partition, the
+        active partitions and the consumer generation they were fetched in; None when there is
+        nothing (or the flow is suspended: then, as faust, seek back to the committed offsets)."""
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return None
+        if not self.flow_active:
+            self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+            try:
+                await self.perform_seek()
+            except Exception as ex:
+                self.log.warning(f"exception performing seek when flow not active {ex}")
+            return None
+        return records, active_partitions, generation_id
 
-    async def _hand_over_fetch(self, sink: Any, batch: list) -> None:
-        """Give a fetch's messages of a whole-fetch topic to its buffer; when that is full, wait
+    async def _messages(self, records: dict, active_partitions: Any, generation_id: int) -> Any:
+        """The second half of faust's ``getmany``: faust messages, round-robin over partitions."""
+        to_message = self._to_message
+        for tp, record in self.scheduler.iterate(records):
+            if not self.flow_active:
+                break
+            if self.app.consumer_generation_id != generation_id:
+                self.log.dev("Generation id changed from %r to %r. Cancelling getmany.",
+                             generation_id, self.app.consumer_generation_id)
+                break
+            if active_partitions is None or tp in active_partitions or tp in self._buffered_partitions:
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                yield tp, to_message(tp, record)
+
+    async def _whole_fetch_runs(self, records: dict, active_partitions: Any, generation_id: int) -> dict:
+        """A fetch's records of whole-fetch topics as :class:`FetchedRun`\\ s per sink: what
+        ``getmany`` and the per-message loop do per message (generation and partition checks,
+        end-offset sensor, read offsets, gaps, periodic commit), done once per partition, and no
+        faust message object per record (the records are aiokafka's, with the attributes the
+        streamer reads: topic, partition, offset, key, value)."""
+        sinks, acks_enabled_for = self.transport.fetch_batches, self.app.topics.acks_enabled_for
+        read_offset = self._read_offset
+        fetched: dict = {}
+        for tp, recs in records.items():
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                break  # as getmany: a rebalance began; the rest is fetched again
+            if not (active_partitions is None or tp in active_partitions or tp in self._buffered_partitions):
+                continue
+            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+            r_offset = read_offset[tp]
+            if r_offset is not None and recs and recs[0].offset < r_offset:
+                recs = [r for r in recs if r.offset >= r_offset]  # read before: faust drops them
+            if not recs:
+                continue
+            first, last = recs[0].offset, recs[-1].offset
+            if acks_enabled_for(tp.topic) and (last - first + 1 != len(recs) or (r_offset and first - r_offset > 1)):
+                prev = r_offset  # offsets skipped (compaction, transaction markers): faust's gaps
+                for r in recs:
+                    if prev and r.offset - prev > 1:
+                        await self._add_gap(tp, prev + 1, r.offset)
+                    prev = r.offset
+            if self._commit_every is not None and self._n_acked >= self._commit_every:
+                self._n_acked = 0
+                await self.commit()
+            read_offset[tp] = last
+            fetched.setdefault(sinks[tp.topic], []).append(FetchedRun(tp, generation_id, recs))
+        return fetched
+
+    async def _hand_over_fetch(self, sink: Any, runs: list) -> None:
+        """Give a fetch's runs of a whole-fetch topic to its buffer; when that is full, wait
         for room racing a rebalance, as faust's per-message hand-over does (a rebalance drops
         the fetch: it is fetched again from the committed offsets)."""
         if sink.full():
             await self.wait_first(sink.wait_room(), self.suspend_flow.wait())
         if self.suspend_flow.is_set() or not self.app.flow_control.is_active():
             return
-        sink.put(batch)
+        sink.put(runs)
 
 
 class EagerHandOverTransport(aiokafka_driver.Transport):

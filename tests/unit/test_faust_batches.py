@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from itertools import groupby
 from types import SimpleNamespace
 from weakref import WeakSet
 
@@ -14,7 +15,7 @@ from faust.transport.consumer import Consumer
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
 
-from streamer.faust_batches import FetchBatches
+from streamer.faust_batches import FetchBatches, FetchedRun
 
 # sha256 of faust-streaming 0.15.3's Consumer.track_message, Consumer.unacked and Consumer.ack
 # sources: FetchBatches does track_message's work itself (one entry per batch in the live
@@ -47,7 +48,7 @@ class FakeConsumer:
 
 
 class Msg:
-    """The attributes of a faust message that the batches and faust's ack read."""
+    """A record as the batches read it (topic, offset) with what faust's own ack reads too."""
 
     __slots__ = ("topic", "tp", "offset", "generation_id", "acked", "__weakref__")
 
@@ -65,7 +66,13 @@ def make_app():
 
 
 def msgs(offsets, generation=1, topic="t.imp", partition=0):
-    return [Msg(topic, partition, o, generation) for o in offsets]
+    """One fetch of one partition, as the consumer puts it."""
+    return [FetchedRun(TP(topic, partition), generation, [Msg(topic, partition, o, generation) for o in offsets])]
+
+
+def runs_of(messages):
+    """A fetch of several partitions: a run per stretch of one partition."""
+    return [FetchedRun(tp, 1, list(group)) for tp, group in groupby(messages, key=lambda m: m.tp)]
 
 
 def acked(app, topic="t.imp", partition=0):
@@ -207,7 +214,7 @@ def test_a_batch_ack_records_what_faust_acking_each_message_records():
         stream = [Msg(rng.choice(["t.imp", "t.clk", "t.noack"]), rng.randrange(2), rng.randrange(40))
                   for _ in range(300)]
         for i in range(0, len(stream), 30):
-            b.put(stream[i:i + 30])
+            b.put(runs_of(stream[i:i + 30]))
             batch = await b.take(1000, within=0)
             b.ack(batch)
             for m in stream[i:i + 30]:

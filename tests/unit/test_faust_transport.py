@@ -16,11 +16,15 @@ from streamer.faust_transport import EagerHandOverConsumer, EagerHandOverTranspo
 # sha256 of faust-streaming 0.15.3's Consumer._drain_messages source: when faust changes it,
 # streamer/faust_transport.py's copy must be reviewed against the new one (then update this).
 FAUST_DRAIN_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+# ... and of its Consumer.getmany, copied in two halves (_fetch, _messages) and per partition
+# (_whole_fetch_runs).
+FAUST_GETMANY_SHA256 = "4b168d84882a70d6e3e2f9804430a63b92f8fd117d3187cbb4aeb54305bda34e"
 
 
 def test_the_copied_faust_method_is_unchanged_upstream():
     src = inspect.getsource(Consumer._drain_messages)
     assert hashlib.sha256(src.encode()).hexdigest() == FAUST_DRAIN_SHA256
+    assert hashlib.sha256(inspect.getsource(Consumer.getmany).encode()).hexdigest() == FAUST_GETMANY_SHA256
     assert EagerHandOverTransport.Consumer is EagerHandOverConsumer
     assert issubclass(EagerHandOverConsumer, Consumer)
 
@@ -177,3 +181,68 @@ def test_a_fetch_is_dropped_not_handed_over_when_a_rebalance_begins():
         assert full.got == []
 
     asyncio.run(main())
+
+
+class _Rec:
+    def __init__(self, topic, partition, offset):
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+def _whole_fetch_consumer(read_offsets, active=None, generation=1):
+    """What _whole_fetch_runs reads of faust's consumer, with the calls it makes recorded."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    calls = {"gaps": [], "end_offsets": []}
+
+    async def add_gap(tp, offset_from, offset_to):
+        calls["gaps"].append((tp.topic, tp.partition, offset_from, offset_to))
+
+    sink = object()
+    c = SimpleNamespace(
+        transport=SimpleNamespace(fetch_batches={"t.imp": sink, "t.noack": sink}),
+        app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda t: t != "t.noack"),
+                            consumer_generation_id=generation,
+                            monitor=SimpleNamespace(track_tp_end_offset=lambda tp, hw: calls["end_offsets"].append((tp, hw)))),
+        _read_offset=defaultdict(lambda: None, read_offsets), flow_active=True, _buffered_partitions=set(),
+        highwater=lambda tp: 100, _add_gap=add_gap, _commit_every=None, _n_acked=0)
+    return c, sink, calls
+
+
+def test_whole_fetch_runs_keep_faust_read_offsets_and_gaps_per_partition():
+    """Per partition, what faust's getmany and per-message loop do per message: records read
+    before are dropped, skipped offsets become gaps (not on topics without acks; not before a
+    partition's first read, as faust), the read offset moves to the last record, the end offset
+    is reported; partitions not active are left alone."""
+    from faust.types import TP
+
+    tps = [TP("t.imp", p) for p in range(5)] + [TP("t.noack", 0)]
+    records = {
+        tps[0]: [_Rec("t.imp", 0, o) for o in (5, 6, 9)],  # first read: no gap before 5, 7-8 skipped
+        tps[1]: [_Rec("t.imp", 1, o) for o in (8, 9, 10, 11, 13)],  # read up to 10 before
+        tps[2]: [_Rec("t.imp", 2, o) for o in (6, 7)],  # read up to 3: 4-5 skipped
+        tps[3]: [_Rec("t.imp", 3, o) for o in (0, 1)],  # not an active partition
+        tps[4]: [_Rec("t.imp", 4, o) for o in (0, 2)],  # read offset 0 is "none" to faust's gap check
+        tps[5]: [_Rec("t.noack", 0, o) for o in (4, 9)],
+    }
+    c, sink, calls = _whole_fetch_consumer({tps[1]: 10, tps[2]: 3, tps[3]: 0})
+    active = set(tps) - {tps[3]}
+    fetched = asyncio.run(EagerHandOverConsumer._whole_fetch_runs(c, records, active, 1))
+    runs = {run.tp: [r.offset for r in run.records] for run in fetched[sink]}
+    assert list(fetched) == [sink] and all(run.generation_id == 1 for run in fetched[sink])
+    assert runs == {tps[0]: [5, 6, 9], tps[1]: [10, 11, 13], tps[2]: [6, 7], tps[4]: [0, 2], tps[5]: [4, 9]}
+    assert calls["gaps"] == [("t.imp", 0, 7, 9), ("t.imp", 1, 12, 13), ("t.imp", 2, 4, 6)]
+    assert {tp: c._read_offset[tp] for tp in tps} == {tps[0]: 9, tps[1]: 13, tps[2]: 7, tps[3]: 0, tps[4]: 2, tps[5]: 9}
+    assert [tp for tp, _ in calls["end_offsets"]] == [tps[0], tps[1], tps[2], tps[4], tps[5]]
+
+
+def test_whole_fetch_runs_take_nothing_once_a_rebalance_began():
+    from faust.types import TP
+
+    tp = TP("t.imp", 0)
+    c, _, calls = _whole_fetch_consumer({}, generation=2)  # the generation moved on after the fetch
+    assert asyncio.run(EagerHandOverConsumer._whole_fetch_runs(c, {tp: [_Rec("t.imp", 0, 1)]}, None, 1)) == {}
+    c, _, calls = _whole_fetch_consumer({})
+    c.flow_active = False  # the flow was suspended
+    assert asyncio.run(EagerHandOverConsumer._whole_fetch_runs(c, {tp: [_Rec("t.imp", 0, 1)]}, None, 1)) == {}
+    assert c._read_offset[tp] is None and calls["gaps"] == []
