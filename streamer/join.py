@@ -15,13 +15,15 @@ impressions topic from expiring impressions whose clicks simply have not been fe
 input marked idle (no data for a while) drops out of the minimum so the watermark still advances.
 
 State changes are recorded as key -> bytes puts/deletes (:meth:`drain_changes`) so the caller can
-write them in the same atomic batch as the feature store and the consumed offsets.
+write them in the same atomic batch as the feature store and the consumed offsets. Records are
+encoded when drained, not at each change, and a key created and deleted between two drains (most
+impressions labelled within one batch) is neither encoded nor written: not even as a delete.
 """
 
 from __future__ import annotations
 
 import heapq
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import msgspec
 
@@ -110,7 +112,8 @@ class LabelJoin:
         self._pending_heap: list[tuple[int, str]] = []
         self._done_heap: list[tuple[int, str]] = []
         self._early_heap: list[tuple[int, str]] = []
-        self._changes: dict[bytes, bytes | None] = {}
+        self._changes: dict[bytes, Any] = {}  # key -> record to put (encoded when drained) or None
+        self._created: set[bytes] = set()  # keys of _changes first put since the last drain: not persisted
         self._high_moved: set[str] = set()  # inputs whose highest time moved since drain_changes
         self.duplicates = 0
         self._watermark: int | None = None  # kept current by _observe, set_idle and restore
@@ -180,17 +183,17 @@ class LabelJoin:
                 e = EarlyClick(event_id, user, item, ts, request_id)
                 self.early[event_id] = e
                 heapq.heappush(self._early_heap, (ts, event_id))
-                self._changes[_EARLY + event_id.encode()] = _enc.encode(e)
+                self._create(_EARLY + event_id.encode(), e)
         elif target in self.pending:
             imp = self.pending[target]
             if imp.click_ts is not None:
                 self.duplicates += 1  # a second click on an impression already clicked, held to its window
             elif self.hold_positives:
                 imp.click_ts = ts
-                self._changes[_PENDING + target.encode()] = _enc.encode(imp)
+                self._changes[_PENDING + target.encode()] = imp
             else:
                 del self.pending[target]
-                self._changes[_PENDING + target.encode()] = None
+                self._delete(_PENDING + target.encode())
                 self._finish(imp, 1)
                 out.append(Outcome("positive", imp.event_id, imp.ts, imp.raw, ts, imp.extra))
         else:
@@ -201,7 +204,7 @@ class LabelJoin:
                     out.append(Outcome("correction", done.event_id, done.ts, done.raw, ts))
                 # One late click per impression: remember that it was labelled after all.
                 done.label = 1
-                self._changes[_DONE + target.encode()] = _enc.encode(done)
+                self._changes[_DONE + target.encode()] = done
             else:
                 self.duplicates += 1  # a second click on an already positive impression
         return out + self._expire()
@@ -238,7 +241,7 @@ class LabelJoin:
                 found = e
         if found is not None:
             del self.early[found.event_id]
-            self._changes[_EARLY + found.event_id.encode()] = None
+            self._delete(_EARLY + found.event_id.encode())
         return found
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -260,7 +263,7 @@ class LabelJoin:
         self.pending[imp.event_id] = imp
         self._index(imp)
         heapq.heappush(self._pending_heap, (imp.ts + self.window, imp.event_id))
-        self._changes[_PENDING + imp.event_id.encode()] = _enc.encode(imp)
+        self._create(_PENDING + imp.event_id.encode(), imp)
 
     def _finish(self, imp: Pending, label: int, indexed: bool = True) -> None:
         """``imp`` is done; ``indexed``: it was pending, so the indexes already name its id."""
@@ -270,7 +273,7 @@ class LabelJoin:
         if not indexed:
             self._index(done)
         heapq.heappush(self._done_heap, (imp.ts + self.window + self.late_horizon, imp.event_id))
-        self._changes[_DONE + imp.event_id.encode()] = _enc.encode(done)
+        self._create(_DONE + imp.event_id.encode(), done)
 
     def _expire(self) -> list[Outcome]:
         wm = self._watermark
@@ -284,7 +287,7 @@ class LabelJoin:
             imp = self.pending.pop(eid, None)
             if imp is None:
                 continue  # labelled by a click already
-            self._changes[_PENDING + eid.encode()] = None
+            self._delete(_PENDING + eid.encode())
             label = 0 if imp.click_ts is None else 1
             self._finish(imp, label)
             out.append(Outcome("positive" if label else "negative", eid, imp.ts, imp.raw, imp.click_ts, imp.extra))
@@ -293,17 +296,33 @@ class LabelJoin:
             done = self.done.pop(eid, None)
             if done is not None:
                 self._unindex(done)
-                self._changes[_DONE + eid.encode()] = None
+                self._delete(_DONE + eid.encode())
         while self._early_heap and self._early_heap[0][0] < wm:
             _, eid = heapq.heappop(self._early_heap)
             if self.early.pop(eid, None) is not None:
-                self._changes[_EARLY + eid.encode()] = None
+                self._delete(_EARLY + eid.encode())
         return out
 
     # -- persistence ----------------------------------------------------------------------
+    def _create(self, key: bytes, record: Pending | Done | EarlyClick) -> None:
+        """Put a record whose key the persisted state does not hold (a new id)."""
+        if key not in self._changes:  # else deleted since the last drain: that delete must stay
+            self._created.add(key)
+        self._changes[key] = record
+
+    def _delete(self, key: bytes) -> None:
+        if key in self._created:  # never persisted: nothing to delete
+            self._created.discard(key)
+            del self._changes[key]
+        else:
+            self._changes[key] = None
+
     def drain_changes(self) -> dict[bytes, bytes | None]:
         """Keys changed since the last call: bytes to put, or None to delete."""
-        changes, self._changes = self._changes, {}
+        encode = _enc.encode
+        changes = {k: None if v is None else encode(v) for k, v in self._changes.items()}
+        self._changes = {}
+        self._created.clear()
         for source in self._high_moved:
             changes[_HIGH + source.encode()] = self.high[source].to_bytes(8, "big", signed=True)
         self._high_moved.clear()
@@ -327,5 +346,6 @@ class LabelJoin:
                 self.early[name] = e
                 heapq.heappush(self._early_heap, (e.ts, name))
         self._changes.clear()
+        self._created.clear()
         self._high_moved.clear()
         self._update_watermark()

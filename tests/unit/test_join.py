@@ -164,6 +164,39 @@ def test_restore_from_persisted_changes_continues_identically(positives_at):
         assert resumed == straight
 
 
+def _persist(store: dict, changes: dict) -> int:
+    """Apply drained changes to ``store``; returns how many deletes named a key it did not hold."""
+    stray = 0
+    for key, val in changes.items():
+        if val is None:
+            stray += key not in store
+            store.pop(key, None)
+        else:
+            store[key] = val
+    return stray
+
+
+@pytest.mark.parametrize("every", [7, 60, 10_000])
+@pytest.mark.parametrize("positives_at", ["click", "window_close"])
+def test_persisted_state_does_not_depend_on_how_often_changes_are_drained(every, positives_at):
+    """Drained every ``every`` events, the persisted state equals the one drained after every
+    event (records encoded as of the drain), and no delete is written for a key never written
+    (an impression pending and labelled between two drains costs no write at all)."""
+    make = partial(LabelJoin, W, emit_corrections=True, positives_at=positives_at)
+    evs = _events(11, 600)
+    each, batched, stray, most = {}, {}, 0, 0
+    j_each, j = make(), make()
+    for k, ev in enumerate(evs, 1):
+        _random_run(j_each, [ev])
+        stray += _persist(each, j_each.drain_changes())
+        most = max(most, len(each))
+        _random_run(j, [ev])
+        if k % every == 0 or k == len(evs):
+            stray += _persist(batched, j.drain_changes())
+            assert batched == each
+    assert stray == 0 and most > 15
+
+
 @pytest.mark.parametrize("positives_at", ["click", "window_close"])
 def test_every_impression_gets_exactly_one_label(positives_at):
     evs = _events(7, 600)
