@@ -120,6 +120,22 @@ class TopicIdWatch:
         return True
 
 
+def reread_recreated(consumer: KafkaConsumer, watches: Iterable[TopicIdWatch], polled: dict) -> dict:
+    """After each poll of a reader of several topics (a group member included: kafka-python keeps
+    a retained partition's position across a rejoin, and tansu answers a fetch past the new log's
+    end with nothing, so a group member can sit past the end of a re-created topic and commit
+    those positions): the assigned partitions of a topic whose watch says it was re-created go
+    back to the new log's beginning, and this poll's records of that topic are dropped (they are
+    read again from there). Returns the records to handle."""
+    recreated = {w.topic for w in watches if w.recreated(consumer)}
+    if not recreated:
+        return polled
+    parts = [tp for tp in consumer.assignment() if tp.topic in recreated]
+    if parts:
+        consumer.seek_to_beginning(*parts)
+    return {tp: recs for tp, recs in polled.items() if tp.topic not in recreated}
+
+
 def make_admin(settings: Settings) -> KafkaAdminClient:
     return KafkaAdminClient(**client_config(settings.kafka))
 

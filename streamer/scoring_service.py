@@ -23,7 +23,7 @@ from kafka.errors import KafkaError
 
 from dmrstream.contracts import (Candidate, Codec, ContractError, Impression, ModelUpdate, Sample, ScoreRequest,
                                  dead_letter_of, encode)
-from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, wait_for_broker_at_start
+from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, reread_recreated, wait_for_broker_at_start
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.scoring import ModelHolder, Scorer
@@ -157,11 +157,13 @@ class ScorerService:
         # Latency-sensitive: a broker that does not wake a parked fetch when data arrives (the
         # local tansu) would otherwise hold each request up to the default 500 ms.
         consumer = make_consumer(s, f"{s.topics.prefix}scorer", inputs, fetch_max_wait_ms=10)
+        watches = [TopicIdWatch(t) for t in inputs]  # a memory broker restarted empty: see reread_recreated
         producer = make_producer(s, linger_ms=0)
         last_report = time.monotonic()
         try:
             while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 polled = consumer.poll(timeout_ms=50, max_records=s.scorer.max_batch * 4)
+                polled = reread_recreated(consumer, watches, polled)
                 if polled:
                     self._handle([r for recs in polled.values() for r in recs], producer)
                     if self._confirm(producer):

@@ -141,3 +141,54 @@ def test_topic_id_watch_tells_a_reader_its_topic_was_recreated(kafka_settings):
     assert polls_until(lambda: seen.append(watch.recreated(reader)) or any(seen))
     assert watch.known != first and seen.count(True) == 1
     reader.close()
+
+
+def test_a_reader_past_the_end_of_a_recreated_topic_reads_the_new_log_from_its_beginning(kafka_settings):
+    """Positions from before a topic was re-created point past the new log's end, and the local
+    broker answers such a fetch with nothing (no OFFSET_OUT_OF_RANGE): without reread_recreated
+    the reader silently skips the new log's first records (the scorer's lost score requests after
+    a broker restart in the reliability soak). With it, every new record is read, once."""
+    from dmrstream.kafkaio import TopicIdWatch, make_admin, make_producer, reread_recreated
+
+    create_topics(kafka_settings)
+    topic = kafka_settings.topics.name("score_requests")
+    parts = [TopicPartition(topic, p) for p in range(topic_specs(kafka_settings)[topic])]
+    producer = make_producer(kafka_settings, linger_ms=0)
+
+    def produce(prefix: str, n: int) -> None:
+        for i in range(n):
+            producer.send(topic, key=f"k{i}".encode(), value=f"{prefix}{i}".encode())
+        producer.flush()
+
+    def read(readers, want: int, seconds: float = 30.0) -> dict:
+        got = {name: [] for name in readers}
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not all(len(v) >= want for v in got.values()):
+            for name, (consumer, watches) in readers.items():
+                polled = consumer.poll(timeout_ms=100)
+                if watches is not None:
+                    polled = reread_recreated(consumer, watches, polled)
+                got[name] += [r.value.decode() for recs in polled.values() for r in recs]
+        return got
+
+    readers = {}
+    for name, watched in (("plain", False), ("watched", True)):
+        c = make_consumer(kafka_settings, None, [])
+        c.assign(parts)
+        readers[name] = (c, [TopicIdWatch(topic)] if watched else None)
+    produce("old", 40)
+    assert all(len(v) == 40 for v in read(readers, 40).values())
+    admin = make_admin(kafka_settings)
+    try:
+        admin.delete_topics([topic])
+        time.sleep(0.5)
+        create_topics(kafka_settings, admin)
+    finally:
+        admin.close()
+    produce("new", 10)  # fewer than before on every partition: all below the old positions
+    got = read(readers, 10, seconds=15.0)
+    assert sorted(got["watched"]) == sorted(f"new{i}" for i in range(10))
+    assert got["plain"] == []  # what the reader would do without it: the premise of this test
+    producer.close()
+    for c, _ in readers.values():
+        c.close()
