@@ -120,20 +120,18 @@ class TopicIdWatch:
         return True
 
 
-def reread_recreated(consumer: KafkaConsumer, watches: Iterable[TopicIdWatch], polled: dict) -> dict:
-    """After each poll of a reader of several topics (a group member included: kafka-python keeps
-    a retained partition's position across a rejoin, and tansu answers a fetch past the new log's
-    end with nothing, so a group member can sit past the end of a re-created topic and commit
-    those positions): the assigned partitions of a topic whose watch says it was re-created go
-    back to the new log's beginning, and this poll's records of that topic are dropped (they are
-    read again from there). Returns the records to handle."""
+def reread_recreated(consumer: KafkaConsumer, watches: Iterable[TopicIdWatch]) -> set[str]:
+    """Call after each poll: the assigned partitions of a topic whose watch says it was re-created
+    go back to the new log's beginning; returns those topics. Needed by a group member too:
+    kafka-python keeps a retained partition's position across a rejoin, and tansu answers a fetch
+    past the new log's end with nothing, so a member can sit past the end of a re-created topic
+    and commit there. The poll's records are still the caller's to handle (some may have been
+    fetched from the old log; new ones come again: readers drop repeats by id)."""
     recreated = {w.topic for w in watches if w.recreated(consumer)}
-    if not recreated:
-        return polled
-    parts = [tp for tp in consumer.assignment() if tp.topic in recreated]
+    parts = [tp for tp in consumer.assignment() if tp.topic in recreated] if recreated else []
     if parts:
         consumer.seek_to_beginning(*parts)
-    return {tp: recs for tp, recs in polled.items() if tp.topic not in recreated}
+    return recreated
 
 
 def make_admin(settings: Settings) -> KafkaAdminClient:

@@ -86,8 +86,7 @@ class UpdateFollower(threading.Thread):
         watch = TopicIdWatch(topic)
         while not self.stop.is_set():
             polled = consumer.poll(timeout_ms=200)
-            if watch.recreated(consumer):  # a memory broker restarted empty: start it over
-                consumer.seek_to_beginning(tp)
+            reread_recreated(consumer, [watch])  # a memory broker restarted empty: start it over
             for recs in polled.values():
                 for r in recs:
                     try:
@@ -163,7 +162,7 @@ class ScorerService:
         try:
             while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 polled = consumer.poll(timeout_ms=50, max_records=s.scorer.max_batch * 4)
-                polled = reread_recreated(consumer, watches, polled)
+                reread_recreated(consumer, watches)  # repeats: answered once, AUC joins each label once
                 if polled:
                     self._handle([r for recs in polled.values() for r in recs], producer)
                     if self._confirm(producer):

@@ -33,7 +33,7 @@ from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from dmrstream.contracts import ContractError, dead_letter_of
-from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer
+from dmrstream.kafkaio import TopicIdWatch, make_consumer, make_producer, reread_recreated
 from dmrstream.settings import Settings
 from monitoring import metrics
 from trainer.ready_batch import ReadyBatch, decode_ready, encode_ready
@@ -94,8 +94,7 @@ class SampleReader:
                     latest = got
                     self._commit(consumer, got, sync=False)
                 records = consumer.poll(timeout_ms=int(_POLL_S * 1000), max_records=self.batch_size)
-                if self.watch.recreated(consumer):  # a memory broker restarted empty; repeats are dropped by id
-                    consumer.seek_to_beginning(*parts)
+                if reread_recreated(consumer, [self.watch]):  # a memory broker restarted empty; repeats dropped by id
                     offsets = {tp.partition: 0 for tp in parts}
                 for tp, recs in records.items():
                     if recs:
