@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from array import array
+from bisect import bisect_left
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
@@ -100,23 +101,25 @@ class PartitionStore:
     # -- writes -----------------------------------------------------------------------------
     def apply(self, events: Iterable[Impression | Click], *, offsets: Mapping[tuple[str, int], int] | None = None,
               extra_changes: Mapping[bytes, bytes | None] | None = None, applied: set[str] | None = None,
-              counters_before: dict[int, dict] | None = None) -> dict[str, int]:
+              counters_at: dict[int, dict] | None = None) -> dict[str, int]:
         """Apply behaviour events (``Click``: click/cart/fav/buy) and impressions, and record
         ``offsets`` ({(topic, partition): next offset}) and the caller's ``extra_changes`` (its own
         keys, stored under a reserved prefix: key -> value, or None to delete), all in one atomic
         write. Events already applied change nothing. Returns tallies: behaviours, impressions
         (newly applied), duplicates, too_old, rejected (not an event this store understands).
         ``applied`` receives the ids of the events newly applied (what the counters now count).
-        ``counters_before[id(impression)]`` receives, for every valid impression in ``events``,
-        the :meth:`counters_as_of` its time as the store held them BEFORE this batch (read from
-        the records this batch decodes anyway: no second read), a new dict per impression that the
-        caller may change."""
+        ``counters_at[id(impression)]`` receives, for every valid impression in ``events``, its
+        point-in-time counters: :meth:`counters_as_of` its time as the store held them before
+        this batch, plus this batch's newly applied events strictly before that time (what
+        :meth:`counters_as_of` would say had the batch's events come one by one in time order).
+        Read from the records this batch decodes anyway (no second read); a redelivered event
+        counts once. A new dict per impression, the caller's to keep."""
         out = logic.Outcome()
         by_user = _group_by_user(events, out)
         wb = WriteBatch(raw_mode=True)
         records: list[tuple[bytes, bytes]] = []  # cached after the write succeeds
         if by_user:
-            self._apply_users(by_user, records, out, applied, counters_before)
+            self._apply_users(by_user, records, out, applied, counters_at)
         for key, value in records:
             wb.put(key, value)
         for (topic, partition), offset in (offsets or {}).items():
@@ -136,7 +139,7 @@ class PartitionStore:
         return self._cache.get_many(keys, self._db.get)
 
     def _apply_users(self, by_user: dict[bytes, list], records: list, out: logic.Outcome,
-                     applied: set[str] | None = None, before: dict[int, dict] | None = None) -> None:
+                     applied: set[str] | None = None, at: dict[int, dict] | None = None) -> None:
         keep, points, dedupe_n = self.keep, self.settings.counter_points, self.settings.dedupe_ids_per_user
         ukeys = list(by_user)
         n = len(ukeys)
@@ -144,7 +147,7 @@ class PartitionStore:
         # raw item id -> [(ts, is_click, category, features)] of the accepted events; keyed by the
         # raw id so that id_bytes runs once per distinct item, not once per event.
         item_events: dict[Any, list] = {}
-        item_queries: list = []  # impressions whose item counters go into ``before``
+        item_queries: list = []  # impressions whose item counters go into ``at``
         ev_hash = event_hash
         as_of_each = logic.counter_as_of_each
         for i, uk in enumerate(ukeys):
@@ -163,12 +166,9 @@ class PartitionStore:
                         id_of[h] = ev.event_id
                 else:
                     imps.append(ev)
-            if before is not None and imps:  # the user's counters before anything changes them
+            if at is not None and imps:  # the user's counters before anything changes them
                 times = [ev.ts for ev in imps]
-                for ev, n_imps, n_clicks in zip(imps, as_of_each(user.impressions, times),
-                                                as_of_each(user.clicks, times)):
-                    before[id(ev)] = {"user_impressions": n_imps, "user_clicks": n_clicks,
-                                      "item_impressions": 0.0, "item_clicks": 0.0}
+                stored = (as_of_each(user.impressions, times), as_of_each(user.clicks, times))
                 item_queries += imps
             clicked, accepted = [], ()
             if behaviours:
@@ -212,16 +212,23 @@ class PartitionStore:
                         user.profile, user.profile_ts = dict(ev.user_profile), ts
                 if new_imps[-1].ts > last:
                     last = new_imps[-1].ts
+            if at is not None and imps:  # plus this batch's new events strictly before each time
+                new_ts = [ev.ts for ev in new_imps]  # both in time order
+                for ev, n_imps, n_clicks in zip(imps, *stored):
+                    t = ev.ts
+                    at[id(ev)] = {"user_impressions": n_imps + bisect_left(new_ts, t),
+                                  "user_clicks": n_clicks + bisect_left(clicked, t),
+                                  "item_impressions": 0.0, "item_clicks": 0.0}
             if accepted or new_imps:  # an all-duplicate batch writes nothing
                 records.append((USER + uk, encode(user, last)))
                 records.append((DEDUPE + uk, encode(dd, last)))
         if item_events or item_queries:
-            self._apply_items(item_events, records, points, item_queries, before)
+            self._apply_items(item_events, records, points, item_queries, at)
 
     def _apply_items(self, item_events: dict[Any, list], records: list, points: int,
-                     queries: list = (), before: dict[int, dict] | None = None) -> None:
+                     queries: list = (), at: dict[int, dict] | None = None) -> None:
         by_key = _by_stored_id(item_events)
-        by_item: dict[Any, list] = {}  # raw item id -> impressions wanting its counters before
+        by_item: dict[Any, list] = {}  # raw item id -> impressions wanting its counters
         for ev in queries:
             lst = by_item.get(ev.item_id)
             if lst is None:
@@ -235,16 +242,17 @@ class PartitionStore:
         as_of_each = logic.counter_as_of_each
         for key, raw in zip(ikeys, raws):
             item = decode(ItemRecord, raw)
-            if before is not None and key in asked:  # before this batch's rows change them
-                evs = asked[key]
-                times = [ev.ts for ev in evs]
-                for ev, n_imps, n_clicks in zip(evs, as_of_each(item.impressions, times),
-                                                as_of_each(item.clicks, times)):
-                    c = before[id(ev)]
-                    c["item_impressions"], c["item_clicks"] = n_imps, n_clicks
+            queried = asked.get(key) if at is not None else None
+            if queried is not None:  # as stored, before this batch's rows change them
+                times = [ev.ts for ev in queried]
+                stored = (as_of_each(item.impressions, times), as_of_each(item.clicks, times))
             evs = by_key.get(key)
-            if evs is None:
-                continue  # only asked about: nothing to write
+            if evs is None:  # only asked about: nothing to write
+                if queried is not None:
+                    for ev, n_imps, n_clicks in zip(queried, *stored):
+                        c = at[id(ev)]
+                        c["item_impressions"], c["item_clicks"] = n_imps, n_clicks
+                continue
             last = last_active(raw) if raw is not None else -1
             if len(evs) > 1:
                 evs.sort(key=_first)  # stable: equal times keep arrival order
@@ -265,6 +273,12 @@ class PartitionStore:
                 elif category is None:
                     category = cat
             item.features_ts, item.category_id = f_ts, category
+            if queried is not None:  # plus this batch's rows strictly before each time (both sorted)
+                for ev, n_imps, n_clicks in zip(queried, *stored):
+                    t = ev.ts
+                    c = at[id(ev)]
+                    c["item_impressions"] = n_imps + bisect_left(imps, t)
+                    c["item_clicks"] = n_clicks + bisect_left(clicks, t)
             if feats is not None:
                 item.features = dict(feats)
             if clicks:

@@ -6,8 +6,9 @@ Crash safety with at-least-once delivery, step by step:
 1. decoded events wait in the merge (``streamer/reorder.py``) until both inputs reach their event
    time, so the join, counters and sequences see one event-time order whatever the read order;
 2. the released behaviour and impression events go to the feature store (idempotent: deduped by
-   event id; its counters are read just before, and only the events it newly applied are added
-   for the impressions that follow them, so a redelivered batch counts nothing twice);
+   event id), which tells each impression's counters as it applies them: what it held before
+   plus only the events it newly applied earlier in time, so a redelivered batch counts nothing
+   twice;
 3. the join runs in memory over the released events;
 4. the caller produces the samples and dead letters and waits for the broker's acks;
 5. only then :meth:`PartitionProcessor.commit` persists the join's and the merge's state changes
@@ -30,7 +31,6 @@ from typing import Any, Iterable, Protocol
 
 from dmrstream.contracts import Click, Codec, ContractError, Impression, dead_letter_of, encode
 from dmrstream.settings import Settings
-from featurestore.logic import counter_add, counter_as_of, empty_counter
 from monitoring import metrics
 from streamer.join import LabelJoin, Outcome
 from streamer.reorder import EventTimeMerger
@@ -43,56 +43,12 @@ _counters_dec = msgspec.msgpack.Decoder(dict[str, float])
 _impression_dec = msgspec.json.Decoder(Impression)
 
 
-class _BatchCounters:
-    """Counter increments made earlier in the current batch (read-your-writes for counters),
-    kept with the feature store's own point-in-time counter, so both count alike. Only events
-    the store newly applied with this batch count (``applied``, consumed here): a redelivered
-    batch's events are already in the store's counters, read before it. Ids are kept as given,
-    so 1 and "1" are different users and items, as in the store."""
-
-    __slots__ = ("points", "applied", "by_kind", "_rows")
-
-    def __init__(self, points: int, applied: set[str]) -> None:
-        self.points = points
-        self.applied = applied
-        # kind -> (user id -> counter, item id -> counter); the kinds in COUNTER_KEYS' order
-        self.by_kind: dict[str, tuple[dict, dict]] = {"impressions": ({}, {}), "clicks": ({}, {})}
-        # per kind: its two maps and the counter names they add to (names built once, not per impression)
-        self._rows = tuple((users, items, "user_" + kind, "item_" + kind) for kind, (users, items) in self.by_kind.items())
-
-    def count(self, kind: str, ev: Impression | Click) -> None:
-        applied, eid = self.applied, ev.event_id
-        if eid not in applied:
-            return
-        applied.discard(eid)  # counted once, whatever repeats the batch holds
-        users, items = self.by_kind[kind]
-        ts, points = ev.ts, self.points
-        c = users.get(ev.user_id)
-        if c is None:
-            c = users[ev.user_id] = empty_counter()
-        counter_add(c, ts, points)
-        c = items.get(ev.item_id)
-        if c is None:
-            c = items[ev.item_id] = empty_counter()
-        counter_add(c, ts, points)
-
-    def add_to(self, counters: dict[str, float], imp: Impression) -> None:
-        ts, uid, iid = imp.ts, imp.user_id, imp.item_id
-        for users, items, user_key, item_key in self._rows:
-            c = users.get(uid)
-            if c is not None and (n := counter_as_of(c, ts)):
-                counters[user_key] += n
-            c = items.get(iid)
-            if c is not None and (n := counter_as_of(c, ts)):
-                counters[item_key] += n
-
-
 class BehaviourStore(Protocol):
     """What the processor needs from a partition's feature store."""
 
     def apply(self, events: list, *, offsets: dict | None = None,
-              extra_changes: dict[bytes, bytes | None] | None = None, applied: set[str] | None = None,
-              counters_before: dict[int, dict[str, float]] | None = None) -> Any: ...
+              extra_changes: dict[bytes, bytes | None] | None = None,
+              counters_at: dict[int, dict[str, float]] | None = None) -> Any: ...
 
     def histories_many(self, user_ids: list, as_of: list[int]) -> list[tuple[list, list, list, list]]: ...
 
@@ -169,27 +125,22 @@ class PartitionProcessor:
     def _handle(self, released: list, result: BatchResult) -> None:
         """Join and store events released in event-time order."""
         events = [ev for _, _, ev in released]
-        # Counters as of each impression: the store before these events (read by the store while
-        # it applies them: the records it decodes anyway) plus what they added earlier, strictly
-        # before its timestamp. Every earlier event of both inputs has been released before (the
-        # merge), so the counts do not depend on read order; frozen with the pending impression,
-        # so later events never leak into its sample.
-        before: dict[int, dict[str, float]] = {}
-        applied: set[str] = set()
+        # Each impression's point-in-time counters, computed by the store while it applies the
+        # events (from the records it decodes anyway): the events strictly before its time, the
+        # store's before the batch and the batch's own. Every earlier event of both inputs has
+        # been released before (the merge), so the counts do not depend on read order; frozen
+        # with the pending impression, so later events never leak into its sample.
+        counters_at: dict[int, dict[str, float]] = {}
         if events:
             with metrics.FEATURESTORE_SECONDS.labels("apply").time():
-                self.store.apply(events, applied=applied, counters_before=before)
-        overlay = _BatchCounters(self.settings.features.counter_points, applied)
+                self.store.apply(events, counters_at=counters_at)
         outcomes: list[Outcome] = []
+        encode_counters = _counters_enc.encode
         for topic, raw, ev in released:
             if isinstance(ev, Impression):
-                counters = before[id(ev)]  # the store's own dict for this impression: ours to extend
-                overlay.add_to(counters, ev)
-                overlay.count("impressions", ev)
                 outcomes += self.join.on_impression(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id,
-                                                    raw, topic, _counters_enc.encode(counters))
+                                                    raw, topic, encode_counters(counters_at[id(ev)]))
             elif ev.behavior == "click":
-                overlay.count("clicks", ev)
                 outcomes += self.join.on_click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.request_id, topic)
         self._emit(outcomes, result)
         result.state_changes = self._drain_changes()

@@ -115,9 +115,10 @@ def test_multi_get_arrays_match_get_sequence(tmp_path):
 
 @given(event_logs(), st.randoms(use_true_random=False))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_counters_before_equal_counters_many_read_before_the_batch(log, rnd):
-    """What apply reports as each impression's counters before the batch is what counters_many
-    read just before it returns, for shuffled logs with repeats (in-batch and across batches)."""
+def test_counters_at_are_the_stored_ones_plus_the_batch_s_new_events_before(log, rnd):
+    """What apply reports as each impression's counters is what counters_many read just before
+    the batch plus the batch's newly applied events (``applied``) strictly before its time, for
+    shuffled logs with repeats (in-batch and across batches)."""
     with tempfile.TemporaryDirectory() as d, PartitionStore(d, small()) as store:
         i = 0
         while i < len(log):
@@ -126,10 +127,35 @@ def test_counters_before_equal_counters_many_read_before_the_batch(log, rnd):
             imps = [e for e in batch if isinstance(e, Impression)]
             expected = store.counters_many([e.user_id for e in imps], [e.item_id for e in imps], [e.ts for e in imps])
             got: dict = {}
-            store.apply(batch, counters_before=got)
+            applied: set = set()
+            store.apply(batch, counters_at=got, applied=applied)
+            new = {e.event_id: e for e in batch if e.event_id in applied}.values()
+            for e, want in zip(imps, expected):
+                for f in new:
+                    if f.ts < e.ts and (isinstance(f, Impression) or f.behavior == "click"):
+                        kind = "impressions" if isinstance(f, Impression) else "clicks"
+                        want[f"user_{kind}"] += f.user_id == e.user_id
+                        want[f"item_{kind}"] += f.item_id == e.item_id
             assert [got[id(e)] for e in imps] == expected
             assert [list(got[id(e)]) for e in imps] == [list(c) for c in expected]  # same key order
             assert len(got) == len({id(e) for e in imps})  # the log repeats some objects
+
+
+def test_counters_at_count_the_batch_s_earlier_events_once(tmp_path):
+    """Within one batch, an impression's counters count the earlier impression and click of its
+    user and item, not the later ones nor itself; a redelivered batch counts nothing twice."""
+    a = Impression(event_id="a", user_id=1, item_id=10, category_id=7, ts=T0)
+    c = Click(event_id="c", user_id=1, item_id=10, category_id=7, ts=T0 + 5)
+    b = Impression(event_id="b", user_id=1, item_id=10, category_id=7, ts=T0 + 9)
+    later = Click(event_id="z", user_id=1, item_id=10, category_id=7, ts=T0 + 20)
+    other = Impression(event_id="o", user_id=2, item_id=11, category_id=7, ts=T0 + 9)
+    with PartitionStore(tmp_path, small()) as store:
+        for attempt in range(2):  # the second is a redelivery: every event already applied
+            got: dict = {}
+            store.apply([later, b, c, a, a, other], counters_at=got)
+            assert got[id(a)] == {"user_impressions": 0.0, "user_clicks": 0.0, "item_impressions": 0.0, "item_clicks": 0.0}
+            assert got[id(b)] == {"user_impressions": 1.0, "user_clicks": 1.0, "item_impressions": 1.0, "item_clicks": 1.0}
+            assert got[id(other)] == {"user_impressions": 0.0, "user_clicks": 0.0, "item_impressions": 0.0, "item_clicks": 0.0}
 
 
 def test_histories_many_equal_get_sequence_column_wise(tmp_path):

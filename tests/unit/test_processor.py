@@ -20,20 +20,18 @@ class ReferenceStore:
         self.events: dict[str, Impression | Click] = {}
         self.extra: dict[bytes, bytes] = {}
 
-    def apply(self, events, *, offsets=None, extra_changes=None, applied=None, counters_before=None):
+    def apply(self, events, *, offsets=None, extra_changes=None, counters_at=None):
         for k, v in (extra_changes or {}).items():
             if v is None:
                 self.extra.pop(k, None)
             else:
                 self.extra[k] = v
-        if counters_before is not None:
+        for e in events:
+            self.events.setdefault(e.event_id, e)
+        if counters_at is not None:  # everything strictly before each impression, the batch included
             for e in events:
                 if isinstance(e, Impression):
-                    counters_before[id(e)] = self.counters_as_of(e.user_id, e.item_id, e.ts)
-        for e in events:
-            if e.event_id not in self.events and applied is not None:
-                applied.add(e.event_id)
-            self.events.setdefault(e.event_id, e)
+                    counters_at[id(e)] = self.counters_as_of(e.user_id, e.item_id, e.ts)
 
     def get_sequence(self, user_id, as_of=None):
         seq = [(e.item_id, e.category_id, e.behavior, e.ts) for e in self.events.values()

@@ -1,4 +1,4 @@
-"""The processor over the real feature store (batched history reads, in-batch counter overlay,
+"""The processor over the real feature store (batched history reads, counters of the batch's own events,
 re-parsed impressions) gives exactly the samples of the same processor over the plain reference
 store of tests/unit/test_processor.py, which recomputes everything from the events."""
 
