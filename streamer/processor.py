@@ -29,12 +29,12 @@ import msgspec
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from dmrstream.contracts import Click, Codec, ContractError, Impression, dead_letter_of, encode
+from dmrstream.contracts import Click, Codec, ContractError, Impression, dead_letter_of
 from dmrstream.settings import Settings
 from monitoring import metrics
 from streamer.join import LabelJoin, Outcome
 from streamer.reorder import EventTimeMerger
-from streamer.samples import sample_of_columns
+from streamer.samples import encoded_sample
 
 JOIN_PREFIX = b"join/"
 MERGE_PREFIX = b"merge/"
@@ -207,9 +207,9 @@ class PartitionProcessor:
         histories = self.store.histories_many([i.user_id for i in imps], [i.ts for i in imps])
         append, topic, dec = result.messages.append, self.samples_topic, _counters_dec.decode
         for o, imp, history in zip(todo, imps, histories):
-            sample = sample_of_columns(imp, 0 if o.kind == "negative" else 1, history,
-                                       dec(o.extra) if o.extra else None, correction=o.kind == "correction")
-            append((topic, str(imp.user_id).encode(), encode(sample)))
+            sample = encoded_sample(imp, 0 if o.kind == "negative" else 1, history,
+                                    dec(o.extra) if o.extra else None, correction=o.kind == "correction")
+            append((topic, str(imp.user_id).encode(), sample))
         result.samples += len(todo)
 
     def _dead(self, result: BatchResult, r: Record, reason: str) -> None:

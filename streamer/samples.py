@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dmrstream.contracts import Impression, Sample
+from typing import Any
+
+import msgspec
+
+from dmrstream.contracts import SCHEMA_VERSION, Impression, Sample
 
 
 def sample_id_of(impression_id: str, correction: bool = False) -> str:
@@ -10,19 +14,26 @@ def sample_id_of(impression_id: str, correction: bool = False) -> str:
     return f"{impression_id}#corr" if correction else impression_id
 
 
-def sample_of_columns(imp: Impression, label: int, columns: tuple[list, list, list, list],
-                      counters: dict[str, float] | None, *, correction: bool = False) -> Sample:
-    """A sample for ``imp`` with its label, its point-in-time counters and its history as
-    columns ``(item ids, category ids, behaviours, timestamps)``, oldest first, strictly before
-    the impression (what ``PartitionStore.histories_many`` returns)."""
+# Sample's fields in Sample's order, as a positional struct that validates nothing: it encodes to
+# the same JSON as Sample and is built ~5x faster (msgspec matches a kw_only struct's keyword
+# arguments one by one: 2.4 vs 0.5 us a sample here, ~3 % of the streamer's processing). What
+# goes in passed the codec's checks or comes from the feature store. tests/unit/test_samples.py
+# holds the two encodings equal.
+SampleRow = msgspec.defstruct("SampleRow", [(name, Any) for name in Sample.__struct_fields__])
+_encode = msgspec.json.Encoder().encode
+
+
+def encoded_sample(imp: Impression, label: int, columns: tuple[list, list, list, list],
+                   counters: dict[str, float] | None, *, correction: bool = False) -> bytes:
+    """The JSON of the :class:`Sample` for ``imp`` with its label, its point-in-time counters and
+    its history as columns ``(item ids, category ids, behaviours, timestamps)``, oldest first,
+    strictly before the impression (what ``PartitionStore.histories_many`` returns)."""
     items, cats, behaviors, ts = columns
     if ts and ts[-1] >= imp.ts:  # a caller's bug, never the store's: the sample would leak its label
         raise ValueError("history holds a behaviour not strictly before the impression")
-    return Sample(
-        sample_id=sample_id_of(imp.event_id, correction), event_id=imp.event_id, user_id=imp.user_id,
-        item_id=imp.item_id, category_id=imp.category_id, ts=imp.ts, label=label,
-        hist_item_ids=items, hist_category_ids=cats, hist_behaviors=behaviors, hist_ts=ts,
-        position=imp.position, context=imp.context, user_profile=imp.user_profile,
-        item_features=imp.item_features, counters=counters, correction=correction, sampled=imp.sampled,
-        true_ctr=imp.true_ctr,
-    )
+    eid = imp.event_id
+    return _encode(SampleRow(
+        SCHEMA_VERSION, sample_id_of(eid, correction), eid, imp.user_id, imp.item_id, imp.category_id,
+        imp.ts, label, items, cats, behaviors, ts, imp.position, imp.context, imp.user_profile,
+        imp.item_features, counters, None, None, correction, imp.sampled, imp.true_ctr,
+    ))
