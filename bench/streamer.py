@@ -2,7 +2,7 @@
 feature store (RocksDB) + samples produced, on the local broker, and the processing latency of
 an event (batch received to its samples acknowledged by the broker; the attribution-window wait
 is excluded). Baselines in the same run: a plain kafka-python consumer reading the same topics,
-the same processing with no Kafka, and the "faust floor": a faust app configured as the
+the same processing with no Kafka (just before and just after the worker), and the "faust floor": a faust app configured as the
 streamer's whose loop takes the same batches the same way (whole fetches, streamer/faust_batches.py)
 and does nothing with them; also faust's per-message stream path (an agent's take_events) with
 the eager hand-over of streamer/faust_transport.py and with faust's own. The worker runs
@@ -238,8 +238,12 @@ def main() -> None:
         floor = faust_floor(s, total)
         eager_floor = faust_floor(s, total, hand_over="eager", name="floor-eager")
         stock_floor = faust_floor(s, total, hand_over="stock", name="floor-stock")
+        # The processing alone just before and just after the worker: the host's speed drifts
+        # within a run, so the worker is compared with the mean of the two around it.
+        alone_before = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone-before"}), stream)
         w = run_worker(s, total)
-        alone = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
+        alone_after = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone"}), stream)
+        alone = (alone_before + alone_after) / 2
         tuned = gc.get_threshold()
         gc.set_threshold(700, 10, 10)  # CPython's defaults: what the worker's GC_THRESHOLDS save
         alone_default_gc = processor_alone(s.model_copy(update={"state_dir": f"{state}/alone-gc"}), stream)
@@ -258,6 +262,7 @@ def main() -> None:
         ("  the same with faust's own per-message hand-over", f"{stock_floor:,.0f}"),
         ("worker / faust floor", f"{eps / floor:.2f}"),
         ("same processing alone, no Kafka, same batches and partitions (events/s)", f"{alone:,.0f}"),
+        ("  just before / just after the worker (their mean above)", f"{alone_before:,.0f} / {alone_after:,.0f}"),
         ("worker / processing alone", f"{eps / alone:.2f}"),
         ("  processing alone with CPython's default GC thresholds", f"{alone_default_gc:,.0f}"),
         ("floor and processing in series, 1/(1/floor + 1/alone)", f"{serial:,.0f}"),
@@ -279,6 +284,8 @@ def main() -> None:
                       "faust_eager_floor_events_per_s": round(eager_floor),
                       "faust_stock_floor_events_per_s": round(stock_floor),
                       "processor_alone_events_per_s": round(alone),
+                      "processor_alone_before_events_per_s": round(alone_before),
+                      "processor_alone_after_events_per_s": round(alone_after),
                       "processor_alone_default_gc_events_per_s": round(alone_default_gc), "streamer_vs_alone_ratio": round(eps / alone, 3),
                       "serial_bound_events_per_s": round(serial), "loop_busy_fraction": round(w["loop_busy"], 3),
                       "samples": w["samples"], "batch_max_events": s.streamer.batch_max_events,
