@@ -247,38 +247,35 @@ class PartitionStore:
                 times = [ev.ts for ev in queried]
                 stored = (as_of_each(item.impressions, times), as_of_each(item.clicks, times))
             evs = by_key.get(key)
-            if evs is None:  # only asked about: nothing to write
-                if queried is not None:
-                    for ev, n_imps, n_clicks in zip(queried, *stored):
-                        c = at[id(ev)]
-                        c["item_impressions"], c["item_clicks"] = n_imps, n_clicks
-                continue
-            last = last_active(raw) if raw is not None else -1
-            if len(evs) > 1:
-                evs.sort(key=_first)  # stable: equal times keep arrival order
-            clicks, imps = [], []
-            # logic.update_item inlined (one call per event was a tenth of the append time).
-            f_ts, category, feats = item.features_ts, item.category_id, None
-            for ts, is_click, cat, features in evs:
-                if is_click is True:
-                    clicks.append(ts)
-                elif is_click is False:
-                    imps.append(ts)
-                if ts >= f_ts:
-                    f_ts = ts
-                    if cat is not None:
+            clicks, imps, feats = [], [], None  # this batch's rows, in time order
+            if evs is not None:
+                if len(evs) > 1:
+                    evs.sort(key=_first)  # stable: equal times keep arrival order
+                # logic.update_item inlined (one call per event was a tenth of the append time).
+                f_ts, category = item.features_ts, item.category_id
+                for ts, is_click, cat, features in evs:
+                    if is_click is True:
+                        clicks.append(ts)
+                    elif is_click is False:
+                        imps.append(ts)
+                    if ts >= f_ts:
+                        f_ts = ts
+                        if cat is not None:
+                            category = cat
+                        if features:
+                            feats = features
+                    elif category is None:
                         category = cat
-                    if features:
-                        feats = features
-                elif category is None:
-                    category = cat
-            item.features_ts, item.category_id = f_ts, category
-            if queried is not None:  # plus this batch's rows strictly before each time (both sorted)
+                item.features_ts, item.category_id = f_ts, category
+            if queried is not None:  # plus this batch's rows strictly before each time
                 for ev, n_imps, n_clicks in zip(queried, *stored):
                     t = ev.ts
                     c = at[id(ev)]
                     c["item_impressions"] = n_imps + bisect_left(imps, t)
                     c["item_clicks"] = n_clicks + bisect_left(clicks, t)
+            if evs is None:
+                continue  # only asked about: nothing to write
+            last = last_active(raw) if raw is not None else -1
             if feats is not None:
                 item.features = dict(feats)
             if clicks:
