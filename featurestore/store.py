@@ -189,9 +189,10 @@ class PartitionStore:
                         lst.append(row)
                 if accepted and accepted[-1][0] > last:  # accepted is sorted by ts
                     last = accepted[-1][0]
-            new_imps = []
+            new_imps, new_ts = [], []
             if imps:
                 new_imps = logic.accept_impressions(dd, imps, dedupe_n, out)
+                new_ts = [ev.ts for ev in new_imps]  # in time order, as imps
                 if applied is not None:
                     applied.update([ev.event_id for ev in new_imps])
                 out.impressions += len(new_imps)
@@ -199,7 +200,7 @@ class PartitionStore:
             if clicked:
                 logic.counter_extend(user.clicks, clicked, points)
             if new_imps:
-                logic.counter_extend(user.impressions, [ev.ts for ev in new_imps], points)
+                logic.counter_extend(user.impressions, new_ts, points)
                 for ev in new_imps:
                     ts = ev.ts
                     row = (ts, False, ev.category_id, ev.item_features)
@@ -213,7 +214,6 @@ class PartitionStore:
                 if new_imps[-1].ts > last:
                     last = new_imps[-1].ts
             if at is not None and imps:  # plus this batch's new events strictly before each time
-                new_ts = [ev.ts for ev in new_imps]  # both in time order
                 for ev, n_imps, n_clicks in zip(imps, *stored):
                     t = ev.ts
                     at[id(ev)] = {"user_impressions": n_imps + bisect_left(new_ts, t),
