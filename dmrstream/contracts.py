@@ -209,15 +209,9 @@ class Codec:
             _check_utf8(raw)
         try:
             event = self._decoder.decode(raw)
-        except msgspec.ValidationError as e:
-            _check_utf8(raw)
-            raise ContractError(f"invalid: {_short(e)}") from None
-        except msgspec.DecodeError as e:
-            _check_utf8(raw)
-            raise ContractError(f"malformed: {_short(e)}") from None
-        except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
-            _check_utf8(raw)
-            raise ContractError(f"malformed: {type(e).__name__}") from None
+        except (msgspec.DecodeError, RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
+            _check_utf8(raw)  # invalid UTF-8 is the reason named, whatever the parse tripped on
+            raise ContractError(_parse_failure(e)) from None
         _check_limits(event, self.limits)
         return event
 
@@ -242,6 +236,14 @@ def _check_utf8(raw: bytes | bytearray | memoryview) -> None:
         bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ContractError(f"utf8: invalid UTF-8 at byte {e.start}") from None
+
+
+def _parse_failure(e: Exception) -> str:
+    if isinstance(e, msgspec.ValidationError):  # a DecodeError too: tested first
+        return f"invalid: {_short(e)}"
+    if isinstance(e, msgspec.DecodeError):
+        return f"malformed: {_short(e)}"
+    return f"malformed: {type(e).__name__}"
 
 
 def _short(e: Exception) -> str:
