@@ -2,9 +2,9 @@
 feature store (RocksDB) + samples produced, on the local broker, and the processing latency of
 an event (batch received to its samples acknowledged by the broker; the attribution-window wait
 is excluded). Baselines in the same run: a plain kafka-python consumer reading the same topics,
-the same processing with no Kafka (just before and just after the worker), and the "faust floor": a faust app configured as the
-streamer's whose loop takes the same batches the same way (whole fetches, streamer/faust_batches.py)
-and does nothing with them; also faust's per-message stream path (an agent's take_events) with
+the same processing with no Kafka (just before and just after the worker), and the "faust
+floor": a faust app configured as the streamer's whose loop takes the same batches the same way
+(whole fetches, streamer/faust_batches.py) and does nothing with them; also faust's per-message stream path (an agent's take_events) with
 the eager hand-over of streamer/faust_transport.py and with faust's own. The worker runs
 faust's path and the processing on one event-loop thread: the bench shows how busy that thread
 is and how close the worker comes to the two in series.

@@ -1,6 +1,6 @@
-"""The processor over the real feature store (batched history reads, counters of the batch's own events,
-re-parsed impressions) gives exactly the samples of the same processor over the plain reference
-store of tests/unit/test_processor.py, which recomputes everything from the events."""
+"""The processor over the real feature store (batched history reads, counters of the batch's own
+events, re-parsed impressions) gives exactly the samples of the same processor over the plain
+reference store of tests/unit/test_processor.py, which recomputes everything from the events."""
 
 from __future__ import annotations
 
