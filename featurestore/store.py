@@ -242,7 +242,7 @@ class PartitionStore:
         as_of_each = logic.counter_as_of_each
         for key, raw in zip(ikeys, raws):
             item = decode(ItemRecord, raw)
-            queried = asked.get(key) if at is not None else None
+            queried = asked.get(key)  # queries come only with ``at``
             if queried is not None:  # as stored, before this batch's rows change them
                 times = [ev.ts for ev in queried]
                 stored = (as_of_each(item.impressions, times), as_of_each(item.clicks, times))
