@@ -35,5 +35,7 @@ def encoded_sample(imp: Impression, label: int, columns: tuple[list, list, list,
     return _encode(SampleRow(
         SCHEMA_VERSION, sample_id_of(eid, correction), eid, imp.user_id, imp.item_id, imp.category_id,
         imp.ts, label, items, cats, behaviors, ts, imp.position, imp.context, imp.user_profile,
-        imp.item_features, counters, None, None, correction, imp.sampled, imp.true_ctr,
+        imp.item_features, counters,
+        None, None,  # served_score, served_version: the scorer's, not known here
+        correction, imp.sampled, imp.true_ctr,
     ))
