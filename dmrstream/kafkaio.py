@@ -96,20 +96,38 @@ def topic_id_of(consumer: KafkaConsumer, topic: str) -> str | None:
     restarted empty: positions held from before then point into a different log (tansu answers a
     fetch past its end with nothing rather than OFFSET_OUT_OF_RANGE, so the reader would silently
     skip the new log's first records); readers that keep their own positions start it over."""
-    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    cluster = _cluster(consumer)
     tid = cluster.topic_id(topic) if hasattr(cluster, "topic_id") else None
     return str(tid) if tid is not None else None
 
 
+def _cluster(consumer: KafkaConsumer) -> Any:
+    return getattr(getattr(consumer, "_client", None), "cluster", None)
+
+
 class TopicIdWatch:
     """Tells a reader that keeps its own positions when ``topic`` was deleted and re-created under
-    it (:func:`topic_id_of` changed): it should then read the new log from the beginning."""
+    it (:func:`topic_id_of` changed): it should then read the new log from the beginning.
 
-    def __init__(self, topic: str, known: str | None = None):
+    kafka-python refreshes its metadata only on an error or every ``metadata_max_age_ms`` (5
+    minutes), and reading past the end of a re-created log raises no error on the local broker:
+    the watch asks for a refresh itself, at most every ``refresh_s``, so a re-creation is seen
+    within about that long (one metadata request each time: nothing next to the fetches)."""
+
+    def __init__(self, topic: str, known: str | None = None, refresh_s: float = 2.0):
         self.topic, self.known = topic, known  # ``known``: the id the reader's positions belong to
+        self.refresh_s = refresh_s
+        self._asked = time.monotonic()
 
     def recreated(self, consumer: KafkaConsumer) -> bool:
-        """Check after a poll. True once per change (never on the first sighting), logged."""
+        """Check after a poll. True once per change (never on the first sighting), logged. Asks
+        for fresh metadata (fetched by a later poll) when the last ask is ``refresh_s`` old."""
+        now = time.monotonic()
+        if now - self._asked >= self.refresh_s:
+            self._asked = now
+            cluster = _cluster(consumer)
+            if hasattr(cluster, "request_update"):
+                cluster.request_update()
         tid = topic_id_of(consumer, self.topic)
         if tid is None or tid == self.known:
             return False
