@@ -107,6 +107,9 @@ class LabelJoin:
         self.pending: dict[str, Pending] = {}
         self.done: dict[str, Done] = {}
         self.early: dict[str, EarlyClick] = {}
+        # user -> that user's early clicks (arrival order): an impression looks only at its own
+        # user's, not at every click held (with allowed lateness, a partition can hold many).
+        self._early_by_user: dict[str, dict[str, EarlyClick]] = {}
         self._by_request: dict[str, str] = {}  # request_id -> impression id (pending or done)
         self._by_user_item: dict[tuple[str, str], set[str]] = {}
         self._pending_heap: list[tuple[int, str]] = []
@@ -181,8 +184,7 @@ class LabelJoin:
             elif self.watermark is None or ts >= self.watermark:
                 # Its impression may still be on its way: keep the click until the watermark passes it.
                 e = EarlyClick(event_id, user, item, ts, request_id)
-                self.early[event_id] = e
-                heapq.heappush(self._early_heap, (ts, event_id))
+                self._add_early(e)
                 self._create(_EARLY + event_id.encode(), e)
         elif target in self.pending:
             imp = self.pending[target]
@@ -231,8 +233,8 @@ class LabelJoin:
 
     def _take_early_click(self, imp: Pending) -> EarlyClick | None:
         found: EarlyClick | None = None
-        for e in self.early.values():
-            if e.user_id != imp.user_id or not imp.ts <= e.ts <= imp.ts + self.window:
+        for e in self._early_by_user.get(imp.user_id, {}).values():
+            if not imp.ts <= e.ts <= imp.ts + self.window:
                 continue
             if imp.request_id is not None and e.request_id == imp.request_id:
                 found = e
@@ -240,9 +242,23 @@ class LabelJoin:
             if e.item_id == imp.item_id and e.request_id in (None, imp.request_id) and (found is None or e.ts < found.ts):
                 found = e
         if found is not None:
-            del self.early[found.event_id]
+            self._drop_early(found.event_id)
             self._delete(_EARLY + found.event_id.encode())
         return found
+
+    def _add_early(self, e: EarlyClick) -> None:
+        self.early[e.event_id] = e
+        self._early_by_user.setdefault(e.user_id, {})[e.event_id] = e
+        heapq.heappush(self._early_heap, (e.ts, e.event_id))
+
+    def _drop_early(self, event_id: str) -> EarlyClick | None:
+        e = self.early.pop(event_id, None)
+        if e is not None:
+            mine = self._early_by_user[e.user_id]
+            del mine[event_id]
+            if not mine:
+                del self._early_by_user[e.user_id]
+        return e
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _index(self, rec: Pending | Done) -> None:
@@ -299,7 +315,7 @@ class LabelJoin:
                 self._delete(_DONE + eid.encode())
         while self._early_heap and self._early_heap[0][0] < wm:
             _, eid = heapq.heappop(self._early_heap)
-            if self.early.pop(eid, None) is not None:
+            if self._drop_early(eid) is not None:
                 self._delete(_EARLY + eid.encode())
         return out
 
@@ -342,9 +358,7 @@ class LabelJoin:
                 self._index(done)
                 heapq.heappush(self._done_heap, (done.ts + self.window + self.late_horizon, name))
             elif prefix == _EARLY:
-                e = _dec[_EARLY].decode(value)
-                self.early[name] = e
-                heapq.heappush(self._early_heap, (e.ts, name))
+                self._add_early(_dec[_EARLY].decode(value))
         self._changes.clear()
         self._created.clear()
         self._high_moved.clear()

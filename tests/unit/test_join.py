@@ -97,6 +97,27 @@ def test_click_read_before_its_impression_still_labels_it():
     assert kinds(imp(j, "b", 0, item="zz")) == [("positive", "b")]  # (user, item) match, click after impression
 
 
+def test_early_clicks_of_many_users_each_label_their_own_impression_and_then_are_forgotten():
+    # Clicks held before their impressions (held longer with allowed lateness), for many users:
+    # each impression takes its own user's click (request id first, else the earliest on its
+    # item), never another user's; what is taken or passed by the watermark leaves the state.
+    j = AtClick(W, lateness_ms=5 * W)
+    for u in range(50):
+        assert clk(j, f"c{u}-item", 20, user=f"u{u}") == []
+        assert clk(j, f"c{u}-req", 30, user=f"u{u}", item="other", req=f"r{u}") == []
+        assert clk(j, f"c{u}-item-later", 40, user=f"u{u}") == []
+    assert len(j.early) == 150
+    for u in range(50):
+        by_request = j.on_impression(f"a{u}", f"u{u}", "other", T0 + 10, f"r{u}", b"raw")
+        by_item = j.on_impression(f"b{u}", f"u{u}", "i", T0 + 10, None, b"raw")
+        assert [(o.kind, o.impression_id, o.click_ts) for o in by_request + by_item] == [
+            ("positive", f"a{u}", T0 + 30), ("positive", f"b{u}", T0 + 20)]
+    assert set(j.early) == {f"c{u}-item-later" for u in range(50)}
+    imp(j, "far", 100 * W, user="z")
+    clk(j, "far-c", 100 * W, user="z", item="zz")  # both inputs far ahead: the watermark passes the rest
+    assert set(j.early) == {"far-c"} and list(j._early_by_user) == ["z"]
+
+
 def test_redelivered_events_change_nothing():
     j = AtClick(W)
     imp(j, "a", 0)
