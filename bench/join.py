@@ -16,6 +16,7 @@ import json
 import random
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from dmrstream.contracts import Impression, encode  # noqa: E402
 from streamer.join import LabelJoin  # noqa: E402
 
 T0 = 1_700_000_000_000
@@ -65,10 +67,35 @@ def run(stream: list, lateness_ms: int) -> tuple[float, int, int]:
     return len(stream) / took, held, labels
 
 
+def memory_per_impression(n: int = 20_000) -> tuple[float, float]:
+    """Python bytes the join holds per waiting impression and per finished one (kept 2 W for
+    late clicks and redelivery), with a real impression message and the counters it carries."""
+    raws = [encode(Impression(event_id=f"i{k}", user_id=k % USERS, item_id=k, category_id=k % 50,
+                              ts=T0 + k, request_id=f"r{k}")) for k in range(n)]
+    extra = b"\x84" + b"\xa1x\xcb" + bytes(8) * 4  # ~4 msgpack floats, as the streamer freezes
+    tracemalloc.start()
+    j = LabelJoin(10 * n)
+    w = 10 * n  # no click seen yet: no watermark, every impression waits
+    base = tracemalloc.get_traced_memory()[0]
+    for k, raw in enumerate(raws):
+        j.on_impression(f"i{k}", k % USERS, k, T0 + k, f"r{k}", raw, extra=extra)
+    j.drain_changes()
+    pending = (tracemalloc.get_traced_memory()[0] - base) / n
+    end = T0 + n + w  # every impression past its window, none yet past its 2 W
+    j.on_impression("end", "end", "end", end, None, b"raw")
+    j.on_click("end-c", "end", "x", end, None)
+    j.drain_changes()
+    done = (tracemalloc.get_traced_memory()[0] - base) / n
+    tracemalloc.stop()
+    assert len(j.done) == n, len(j.done)
+    return pending, done
+
+
 def main() -> None:
     stream = make_stream()
     base_eps, base_held, base_labels = max((run(stream, 0) for _ in range(2)), key=lambda r: r[0])
     late_eps, late_held, late_labels = max((run(stream, 60_000) for _ in range(2)), key=lambda r: r[0])
+    pending_b, done_b = memory_per_impression()
     figures = {
         "join_events_per_s": round(base_eps),
         "join_lateness60s_events_per_s": round(late_eps),
@@ -76,6 +103,8 @@ def main() -> None:
         "early_clicks_held_max": base_held,
         "early_clicks_held_max_lateness60s": late_held,
         "events": len(stream),
+        "bytes_per_waiting_impression": round(pending_b),
+        "bytes_per_finished_impression": round(done_b),
     }
     table = Table("figure", "value", title=f"label join alone: {len(stream):,} events, {USERS:,} users, "
                                             f"{ORPHAN_SHARE:.0%} orphan clicks (best of 2)")
@@ -85,6 +114,8 @@ def main() -> None:
     table.add_row("  clicks held before an impression (most at once)", f"{late_held:,}")
     table.add_row("60 s lateness / none", f"{late_eps / base_eps:.2f}")
     table.add_row("labels given (each run)", f"{base_labels:,} / {late_labels:,}")
+    table.add_row("Python memory per waiting impression (bytes)", f"{pending_b:,.0f}")
+    table.add_row("  per finished impression, kept 2 W (bytes)", f"{done_b:,.0f}")
     Console().print(table)
     print(json.dumps(figures))
 

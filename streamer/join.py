@@ -111,7 +111,9 @@ class LabelJoin:
         # user's, not at every click held (with allowed lateness, a partition can hold many).
         self._early_by_user: dict[str, dict[str, EarlyClick]] = {}
         self._by_request: dict[str, str] = {}  # request_id -> impression id (pending or done)
-        self._by_user_item: dict[tuple[str, str], set[str]] = {}
+        # (user, item) -> the impression id, or a set of them when several: most pairs have one,
+        # and a set per pair was a third of the memory of a waiting impression.
+        self._by_user_item: dict[tuple[str, str], str | set[str]] = {}
         self._pending_heap: list[tuple[int, str]] = []
         self._done_heap: list[tuple[int, str]] = []
         self._early_heap: list[tuple[int, str]] = []
@@ -218,7 +220,8 @@ class LabelJoin:
             if rec is not None and rec.user_id == user and rec.ts <= ts <= rec.ts + self.window:
                 return cand
         best: tuple[int, int, str] | None = None
-        for cand in self._by_user_item.get((user, item), ()):
+        ids = self._by_user_item.get((user, item), ())
+        for cand in (ids,) if type(ids) is str else ids:
             rec = self.pending.get(cand) or self.done[cand]
             if request_id is not None and rec.request_id not in (None, request_id):
                 continue  # a click that names its request never labels another request's impression
@@ -264,16 +267,32 @@ class LabelJoin:
     def _index(self, rec: Pending | Done) -> None:
         if rec.request_id is not None:
             self._by_request[rec.request_id] = rec.event_id
-        self._by_user_item.setdefault((rec.user_id, rec.item_id), set()).add(rec.event_id)
+        pair, eid = (rec.user_id, rec.item_id), rec.event_id
+        ids = self._by_user_item.get(pair)
+        if ids is None:
+            self._by_user_item[pair] = eid
+        elif type(ids) is str:
+            if ids != eid:
+                self._by_user_item[pair] = {ids, eid}
+        else:
+            ids.add(eid)
 
     def _unindex(self, rec: Done) -> None:
         if rec.request_id is not None and self._by_request.get(rec.request_id) == rec.event_id:
             del self._by_request[rec.request_id]
-        ids = self._by_user_item.get((rec.user_id, rec.item_id))
-        if ids is not None:
-            ids.discard(rec.event_id)
-            if not ids:
-                del self._by_user_item[(rec.user_id, rec.item_id)]
+        pair = (rec.user_id, rec.item_id)
+        ids = self._by_user_item.get(pair)
+        if ids is None:
+            return
+        if type(ids) is str:
+            if ids == rec.event_id:
+                del self._by_user_item[pair]
+            return
+        ids.discard(rec.event_id)
+        if len(ids) == 1:
+            self._by_user_item[pair] = next(iter(ids))
+        elif not ids:
+            del self._by_user_item[pair]
 
     def _add_pending(self, imp: Pending) -> None:
         self.pending[imp.event_id] = imp

@@ -118,6 +118,23 @@ def test_early_clicks_of_many_users_each_label_their_own_impression_and_then_are
     assert set(j.early) == {"far-c"} and list(j._early_by_user) == ["z"]
 
 
+def test_impressions_sharing_user_and_item_stay_matchable_as_they_come_and_go():
+    # The (user, item) index holds one id, or a set when several impressions share the pair.
+    j = AtClick(W)
+    imp(j, "a", 0)
+    imp(j, "b", 100)
+    assert kinds(clk(j, "c1", 150)) == [("positive", "b")]  # nearest earlier still waiting
+    assert kinds(clk(j, "c2", 160)) == [("positive", "a")]
+    imp(j, "c", 1_500)
+    imp(j, "far", 2_200, user="z")
+    clk(j, "far-c", 2_200, user="z", item="zz")  # a and b are forgotten (past 2 W), c waits
+    assert set(j.done) == set() and set(j.pending) == {"c", "far"}
+    assert kinds(clk(j, "c3", 2_300)) == [("positive", "c")]
+    imp(j, "end", 10**6, user="y")
+    clk(j, "end-c", 10**6, user="y", item="yy")
+    assert set(j.pending) == {"end"} and j._by_user_item == {("y", "i"): "end"}
+
+
 def test_redelivered_events_change_nothing():
     j = AtClick(W)
     imp(j, "a", 0)
