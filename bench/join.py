@@ -36,7 +36,7 @@ def make_stream(seed: int = 1) -> list:
     rng = random.Random(seed)
     out = []
     for k in range(IMPRESSIONS):
-        user, item, ts = f"u{rng.randrange(USERS)}", f"i{rng.randrange(20_000)}", T0 + 5 * k
+        user, item, ts = f"u{rng.randrange(USERS)}", f"i{int(rng.paretovariate(1.2)) % 20_000}", T0 + 5 * k
         out.append(("i", f"i{k}", user, item, ts, f"r{k}"))
         if rng.random() < 0.3:
             out.append(("c", f"c{k}", user, item, ts + rng.randrange(1_000, 20_000), f"r{k}"))
@@ -69,16 +69,20 @@ def run(stream: list, lateness_ms: int) -> tuple[float, int, int]:
 
 def memory_per_impression(n: int = 20_000) -> tuple[float, float]:
     """Python bytes the join holds per waiting impression and per finished one (kept 2 W for
-    late clicks and redelivery), with a real impression message and the counters it carries."""
-    raws = [encode(Impression(event_id=f"i{k}", user_id=k % USERS, item_id=k, category_id=k % 50,
-                              ts=T0 + k, request_id=f"r{k}")) for k in range(n)]
+    late clicks and redelivery), with a real impression message and the counters it carries,
+    users and items as in the stream."""
+    stream = [e for e in make_stream(2) if e[0] == "i"][:n]  # its users and items
+    raws = [encode(Impression(event_id=eid, user_id=int(user[1:]), item_id=int(item[1:]), category_id=0,
+                              ts=T0 + k, request_id=req)) for k, (_, eid, user, item, _, req) in enumerate(stream)]
     extra = b"\x84" + b"\xa1x\xcb" + bytes(8) * 4  # ~4 msgpack floats, as the streamer freezes
     tracemalloc.start()
     j = LabelJoin(10 * n)
     w = 10 * n  # no click seen yet: no watermark, every impression waits
     base = tracemalloc.get_traced_memory()[0]
-    for k, raw in enumerate(raws):
-        j.on_impression(f"i{k}", k % USERS, k, T0 + k, f"r{k}", raw, extra=extra)
+    for k, ((_, eid, user, item, _, req), raw) in enumerate(zip(stream, raws)):
+        # ids made here, as decoding each message makes them: counted, not shared with ``stream``
+        j.on_impression(eid.encode().decode(), int(user[1:]), int(item[1:]), T0 + k, req.encode().decode(),
+                        raw, extra=extra)
     j.drain_changes()
     pending = (tracemalloc.get_traced_memory()[0] - base) / n
     end = T0 + n + w  # every impression past its window, none yet past its 2 W
