@@ -19,6 +19,10 @@ JOIN_OUTCOMES = Counter("dmrstream_join_outcomes_total",
 WATERMARK = Gauge("dmrstream_streamer_watermark_ms", "Event-time watermark of a partition (epoch ms).",
                   ["partition"])
 PENDING = Gauge("dmrstream_streamer_pending_impressions", "Impressions waiting for their label.", ["partition"])
+FINISHED = Gauge("dmrstream_streamer_finished_impressions",
+                 "Labelled impressions remembered for late clicks and redelivery (late horizon, W by default).",
+                 ["partition"])
+EARLY_CLICKS = Gauge("dmrstream_streamer_early_clicks", "Clicks held for an impression not read yet.", ["partition"])
 REORDER_BUFFERED = Gauge("dmrstream_streamer_reorder_buffered_events",
                          "Events waiting for the other input to reach their event time (merge into time order).",
                          ["partition"])

@@ -179,11 +179,15 @@ class PartitionProcessor:
         """Persist the join's changes once the batch's messages are acknowledged by the broker."""
         if result.state_changes:
             self.store.apply([], extra_changes=result.state_changes)
+        part = str(self.partition)
         wm = self.join.watermark
         if wm is not None:
-            metrics.WATERMARK.labels(str(self.partition)).set(wm)
-        metrics.PENDING.labels(str(self.partition)).set(len(self.join.pending))
-        metrics.REORDER_BUFFERED.labels(str(self.partition)).set(len(self.merger))
+            metrics.WATERMARK.labels(part).set(wm)
+        # The join holds each of these in memory (~600 bytes, bench/join.py): what sizes a worker.
+        metrics.PENDING.labels(part).set(len(self.join.pending))
+        metrics.FINISHED.labels(part).set(len(self.join.done))
+        metrics.EARLY_CLICKS.labels(part).set(len(self.join.early))
+        metrics.REORDER_BUFFERED.labels(part).set(len(self.merger))
 
     def _decode(self, topic: str, raw: bytes) -> Impression | Click:
         return (self.imp_codec if topic == self.impressions_topic else self.click_codec).decode(raw)

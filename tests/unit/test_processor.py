@@ -187,3 +187,22 @@ def test_events_waiting_for_the_other_input_survive_a_restart_and_count_in_time_
     assert got["b"].counters["user_clicks"] == 1 and got["b"].hist_item_ids == [10]
     assert got["c"].counters["user_clicks"] == 1 and got["c"].counters["user_impressions"] == 2
     assert len(proc.merger) == 0 and not any(k.startswith(b"merge/m/") for k in store.extra)
+
+
+def test_gauges_show_what_the_join_holds_after_each_commit():
+    from prometheus_client import REGISTRY
+
+    def held():
+        return {name: REGISTRY.get_sample_value(f"dmrstream_streamer_{name}", {"partition": "7"})
+                for name in ("pending_impressions", "finished_impressions", "early_clicks")}
+
+    proc = PartitionProcessor(7, ReferenceStore(), settings())
+    # a (clicked: finished), b and x (waiting), a click no impression claims (held until the
+    # watermark passes it; x moves the impressions to its time, so the merge releases it)
+    run(proc, [rec("impressions", imp("a", 0, req="r")), rec("clicks", clk("c", 5, req="r")),
+               rec("impressions", imp("b", 10, user=2)), rec("clicks", clk("orphan", 20, user=3)),
+               rec("impressions", imp("x", 20, user=6))])
+    assert held() == {"pending_impressions": 2, "finished_impressions": 1, "early_clicks": 1}
+    # both inputs past 2 W: b and x labelled 0, all three forgotten, the held click dropped; z clicked
+    run(proc, [rec("impressions", imp("z", 3 * W, user=4)), rec("clicks", clk("zc", 3 * W, user=4))])
+    assert held() == {"pending_impressions": 0, "finished_impressions": 1, "early_clicks": 0}
