@@ -90,7 +90,7 @@ class PartitionProcessor:
         self.imp_codec = Codec(Impression, settings.limits)
         self.click_codec = Codec(Click, settings.limits)
         j = settings.join
-        self.join = LabelJoin(j.attribution_window_ms, j.allowed_lateness_ms, j.emit_corrections,
+        self.join = LabelJoin(j.attribution_window_ms, j.allowed_lateness_ms, j.emit_corrections, j.late_horizon_ms,
                               inputs=(self.impressions_topic, self.clicks_topic), positives_at=j.positives_at)
         self.join.restore((k[len(JOIN_PREFIX):], v) for k, v in store.iter_extra(JOIN_PREFIX))
         self.merger: EventTimeMerger[Impression | Click] = EventTimeMerger(self.join.inputs)

@@ -206,3 +206,20 @@ def test_gauges_show_what_the_join_holds_after_each_commit():
     # both inputs past 2 W: b and x labelled 0, all three forgotten, the held click dropped; z clicked
     run(proc, [rec("impressions", imp("z", 3 * W, user=4)), rec("clicks", clk("zc", 3 * W, user=4))])
     assert held() == {"pending_impressions": 0, "finished_impressions": 1, "early_clicks": 0}
+
+
+def test_late_horizon_setting_bounds_how_long_labelled_impressions_are_remembered():
+    def after_late_click(late_horizon_ms):
+        s = load_settings(overrides={"join.attribution_window_ms": W, "topics.prefix": "p.",
+                                     "join.late_horizon_ms": late_horizon_ms, "join.emit_corrections": True})
+        proc = PartitionProcessor(0, ReferenceStore(), s)
+        run(proc, [rec("impressions", imp("a", 0, req="r"))])
+        # both inputs at 1.5 W: "a" labelled 0; the click for it, read only now, is late by 0.5 W
+        run(proc, [rec("impressions", imp("b", W + W // 2, user=2)), rec("clicks", clk("x", W + W // 2, user=3))])
+        late = run(proc, [rec("clicks", clk("c", 10, req="r"))])
+        return sorted(proc.join.done), [s.sample_id for s in samples_of(late)]
+
+    # by default (W) "a" is remembered: its late click is recognised and corrected
+    assert after_late_click(None) == (["a"], ["a#corr"])
+    # a horizon of W / 4 forgot it at 1.25 W: the click is an ordinary behaviour, nothing emitted
+    assert after_late_click(W // 4) == ([], [])
