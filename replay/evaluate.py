@@ -1,8 +1,8 @@
 """Reference AUCs of a stream: the oracle (true click probabilities) and item popularity.
 
-Labels: an impression is positive when a click with its ``request_id`` arrives within
-``window_ms`` (the join's attribution window); clicks without a request id are matched to the
-latest open impression of the same (user, item). The popularity baseline scores an impression by
+Labels: an impression is positive when a click with its ``request_id`` and item arrives within
+``window_ms`` (the join's attribution window; a request shows several items); clicks without a
+request id are matched to the latest open impression of the same (user, item). The popularity baseline scores an impression by
 its item's click rate from events STRICTLY earlier (smoothed toward the global rate so far), the
 score a streaming "item CTR" model could have served.
 """
@@ -57,9 +57,9 @@ class ReferenceAUCs:
         self.oracle, self.pop = array("d"), array("d")
         self.labels = bytearray()
         self.ts = array("q")  # impression times, to score a prefix of the stream
-        self.open_by_request: dict[str, int] = {}
+        self.open_by_request: dict[tuple, int] = {}  # (request id, item) -> impression
         self.open_by_pair: dict[tuple, int] = {}
-        self.open_order: deque[tuple[int, str | None, tuple, int]] = deque()
+        self.open_order: deque[tuple[int, tuple, tuple, int]] = deque()
         self.item_imps: dict = {}
         self.item_clicks: dict = {}
         self.total_imps = self.total_clicks = 0
@@ -76,7 +76,7 @@ class ReferenceAUCs:
             self.clicks += 1
             if ev.behavior != "click":
                 return
-            idx = self.open_by_request.pop(ev.request_id, None) if ev.request_id is not None else None
+            idx = self.open_by_request.pop((ev.request_id, ev.item_id), None) if ev.request_id is not None else None
             if idx is None:
                 idx = self.open_by_pair.get((ev.user_id, ev.item_id))
             if idx is not None and not self.labels[idx]:
@@ -92,9 +92,9 @@ class ReferenceAUCs:
         self.labels.append(0)
         self.ts.append(ev.ts)
         if ev.request_id is not None:
-            self.open_by_request[ev.request_id] = idx
+            self.open_by_request[(ev.request_id, ev.item_id)] = idx
         self.open_by_pair[(ev.user_id, ev.item_id)] = idx
-        self.open_order.append((ev.ts, ev.request_id, (ev.user_id, ev.item_id), idx))
+        self.open_order.append((ev.ts, (ev.request_id, ev.item_id), (ev.user_id, ev.item_id), idx))
         self.pending.append((False, ev.item_id))
 
     def _apply_pending(self) -> None:
@@ -109,9 +109,9 @@ class ReferenceAUCs:
 
     def _expire(self, now: int) -> None:
         while self.open_order and self.open_order[0][0] + self.window_ms < now:
-            _, rid, pair, idx = self.open_order.popleft()
-            if rid is not None and self.open_by_request.get(rid) == idx:
-                del self.open_by_request[rid]
+            _, req, pair, idx = self.open_order.popleft()
+            if req[0] is not None and self.open_by_request.get(req) == idx:
+                del self.open_by_request[req]
             if self.open_by_pair.get(pair) == idx:
                 del self.open_by_pair[pair]
 

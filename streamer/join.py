@@ -214,10 +214,13 @@ class LabelJoin:
         return out + self._expire()
 
     def _match(self, user: str, item: str, ts: int, request_id: str | None) -> str | None:
+        # A request shows several items: its id alone names no impression, (request, item) does.
+        # The index keeps one impression per request (the fast path when ids are per impression);
+        # the (user, item) path below finds the others.
         if request_id is not None and request_id in self._by_request:
             cand = self._by_request[request_id]
             rec = self.pending.get(cand) or self.done.get(cand)
-            if rec is not None and rec.user_id == user and rec.ts <= ts <= rec.ts + self.window:
+            if rec is not None and rec.user_id == user and rec.item_id == item and rec.ts <= ts <= rec.ts + self.window:
                 return cand
         best: tuple[int, int, str] | None = None
         ids = self._by_user_item.get((user, item), ())
@@ -239,7 +242,7 @@ class LabelJoin:
         for e in self._early_by_user.get(imp.user_id, {}).values():
             if not imp.ts <= e.ts <= imp.ts + self.window:
                 continue
-            if imp.request_id is not None and e.request_id == imp.request_id:
+            if imp.request_id is not None and e.request_id == imp.request_id and e.item_id == imp.item_id:
                 found = e
                 break
             if e.item_id == imp.item_id and e.request_id in (None, imp.request_id) and (found is None or e.ts < found.ts):

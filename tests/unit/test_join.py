@@ -79,6 +79,26 @@ def test_request_id_match_beats_user_item_nearest():
     assert "new" in j.pending
 
 
+def test_a_request_of_several_items_labels_each_by_its_own_click():
+    # One request shows several items (one request id): a click names the request AND the item.
+    j = AtClick(W)
+    imp(j, "a", 0, item="i1", req="r")
+    imp(j, "b", 0, item="i2", req="r")
+    imp(j, "c", 0, item="i3", req="r")
+    assert kinds(clk(j, "c1", 10, item="i1", req="r")) == [("positive", "a")]
+    assert kinds(clk(j, "c2", 20, item="i3", req="r")) == [("positive", "c")]
+    assert clk(j, "c3", 30, item="i9", req="r") == []  # an item the request did not show
+    assert set(j.pending) == {"b"}
+    # the same when the clicks are read before their impressions (another user's impression
+    # holds the watermark at 0, as the merge would)
+    j = AtClick(W)
+    imp(j, "other", 0, user="v")
+    assert clk(j, "c2", 10, item="i2", req="r") == [] and clk(j, "c1", 20, item="i1", req="r") == []
+    assert [(o.impression_id, o.click_ts) for o in imp(j, "a", 0, item="i1", req="r")] == [("a", T0 + 20)]
+    assert [(o.impression_id, o.click_ts) for o in imp(j, "b", 0, item="i2", req="r")] == [("b", T0 + 10)]
+    assert kinds(imp(j, "c", 0, item="i3", req="r")) == []
+
+
 def test_without_request_id_nearest_earlier_impression_wins():
     j = AtClick(W)
     imp(j, "first", 0)

@@ -151,3 +151,16 @@ def test_reference_over_a_prefix_scores_only_the_impressions_up_to_that_time():
     assert part.impressions == sum(1 for e in events if isinstance(e, Impression) and e.ts <= mid)
     assert 0 < part.impressions < whole.impressions
     assert 0.5 < part.popularity_auc < 1 and part.popularity_auc != whole.popularity_auc
+
+
+def test_reference_labels_a_request_of_several_items_by_the_clicked_item():
+    from replay.evaluate import ReferenceAUCs
+
+    def imp(n, item):
+        return Impression(event_id=f"{n}:i", user_id=1, item_id=item, category_id=0, ts=1000, request_id="r")
+
+    ref = ReferenceAUCs()
+    for ev in [imp(1, "a"), imp(2, "b"), imp(3, "c"),
+               Click(event_id="c", user_id=1, item_id="a", category_id=0, ts=2000, request_id="r")]:
+        ref.add(ev)
+    assert list(ref.labels) == [1, 0, 0]  # the clicked item's impression, not the request's last
