@@ -86,7 +86,7 @@ class JoinSettings(BaseModel):
     emit_corrections: bool = False
     # How long after its window a labelled impression is remembered (None: W): clicks that late
     # are still recognised as late, redelivered impressions as repeats. Each one remembered
-    # costs ~600 bytes of memory (bench/join.py), so this is half of what the join holds.
+    # costs ~500 bytes of memory (bench/join.py), so this is half of what the join holds.
     late_horizon_ms: int | None = Field(None, ge=0)
     # When a clicked impression's sample leaves: at its window's close (every label in impression-time
     # order, so learning is not biased by positives arriving W ahead of their negatives) or at the click.

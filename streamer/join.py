@@ -23,13 +23,16 @@ impressions labelled within one batch) is neither encoded nor written: not even 
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterable, Literal
+from collections import deque
+from operator import attrgetter
+from typing import Any, Callable, Iterable, Literal
 
 import msgspec
 
 Kind = Literal["positive", "negative", "late_click", "correction"]
 PositivesAt = Literal["window_close", "click"]
 _PENDING, _DONE, _EARLY, _HIGH = b"p/", b"d/", b"e/", b"h/"
+_BY_TS = attrgetter("ts")
 
 # The join's records hold only strings, ints and bytes: they can never be part of a reference
 # cycle, so they are not tracked by the garbage collector (gc=False). A partition holds every
@@ -87,6 +90,61 @@ _dec = {_PENDING: msgspec.msgpack.Decoder(Pending), _DONE: msgspec.msgpack.Decod
         _EARLY: msgspec.msgpack.Decoder(EarlyClick)}
 
 
+class Deadlines:
+    """Ids in deadline order, for expiry. The merge releases events in event-time order, so
+    impressions almost always reach the join in deadline order: those ids go to a deque (an 8-byte
+    slot each), the rest to a heap of (deadline, id) (~96 bytes each, a tuple and an int). The
+    join holds one per waiting and one per finished impression."""
+
+    __slots__ = ("_order", "_late", "_last", "_next", "_deadline")
+
+    def __init__(self, deadline: Callable[[str], int | None]):
+        self._order: deque[str] = deque()
+        self._late: list[tuple[int, str]] = []
+        self._last = 0  # deadline of the deque's newest id
+        self._next: int | None = None  # no due id before this (may be a gone id's: then early, harmless)
+        self._deadline = deadline  # an id's deadline now, None once the id is gone
+
+    def __len__(self) -> int:
+        return len(self._order) + len(self._late)
+
+    def push(self, deadline: int, eid: str) -> None:
+        if not self._order or deadline >= self._last:
+            self._order.append(eid)
+            self._last = deadline
+        else:
+            heapq.heappush(self._late, (deadline, eid))
+        if self._next is None or deadline < self._next:
+            self._next = deadline
+
+    def any_due(self, wm: int) -> bool:
+        return self._next is not None and self._next < wm
+
+    def pop_due(self, wm: int) -> list[str]:
+        """Ids whose deadline is before ``wm``, in (deadline, id) order (as one heap of all would
+        give them); the heap's may be gone since, the deque's are not."""
+        due: list[tuple[int, str]] = []
+        order, late, deadline = self._order, self._late, self._deadline
+        head = None
+        while order:
+            head = deadline(order[0])
+            if head is None:
+                order.popleft()  # gone (a click labelled it)
+            elif head < wm:
+                due.append((head, order.popleft()))
+                head = None
+            else:
+                break
+        while late and late[0][0] < wm:
+            due.append(heapq.heappop(late))
+        if late and (head is None or late[0][0] < head):
+            head = late[0][0]
+        self._next = head
+        if len(due) > 1:
+            due.sort()
+        return [eid for _, eid in due]
+
+
 class LabelJoin:
     """The join state of one partition. Feed events in consumption order; emit what it returns."""
 
@@ -114,8 +172,8 @@ class LabelJoin:
         # (user, item) -> the impression id, or a set of them when several: most pairs have one,
         # and a set per pair was a third of the memory of a waiting impression.
         self._by_user_item: dict[tuple[str, str], str | set[str]] = {}
-        self._pending_heap: list[tuple[int, str]] = []
-        self._done_heap: list[tuple[int, str]] = []
+        self._pending_due = Deadlines(self._pending_deadline)
+        self._done_due = Deadlines(self._done_deadline)
         self._early_heap: list[tuple[int, str]] = []
         self._changes: dict[bytes, Any] = {}  # key -> record to put (encoded when drained) or None
         self._created: set[bytes] = set()  # keys of _changes first put since the last drain: not persisted
@@ -297,10 +355,11 @@ class LabelJoin:
         elif not ids:
             del self._by_user_item[pair]
 
-    def _add_pending(self, imp: Pending) -> None:
+    def _add_pending(self, imp: Pending, due: bool = True) -> None:
         self.pending[imp.event_id] = imp
         self._index(imp)
-        heapq.heappush(self._pending_heap, (imp.ts + self.window, imp.event_id))
+        if due:
+            self._pending_due.push(imp.ts + self.window, imp.event_id)
         self._create(_PENDING + imp.event_id.encode(), imp)
 
     def _finish(self, imp: Pending, label: int, indexed: bool = True) -> None:
@@ -310,18 +369,24 @@ class LabelJoin:
         self.done[imp.event_id] = done
         if not indexed:
             self._index(done)
-        heapq.heappush(self._done_heap, (imp.ts + self.window + self.late_horizon, imp.event_id))
+        self._done_due.push(imp.ts + self.window + self.late_horizon, imp.event_id)
         self._create(_DONE + imp.event_id.encode(), done)
+
+    def _pending_deadline(self, eid: str) -> int | None:
+        imp = self.pending.get(eid)
+        return None if imp is None else imp.ts + self.window
+
+    def _done_deadline(self, eid: str) -> int | None:
+        done = self.done.get(eid)
+        return None if done is None else done.ts + self.window + self.late_horizon
 
     def _expire(self) -> list[Outcome]:
         wm = self._watermark
-        if wm is None or not ((self._pending_heap and self._pending_heap[0][0] < wm)
-                              or (self._done_heap and self._done_heap[0][0] < wm)
+        if wm is None or not (self._pending_due.any_due(wm) or self._done_due.any_due(wm)
                               or (self._early_heap and self._early_heap[0][0] < wm)):
             return []  # nothing due: the common case, checked before any work
         out: list[Outcome] = []
-        while self._pending_heap and self._pending_heap[0][0] < wm:
-            _, eid = heapq.heappop(self._pending_heap)
+        for eid in self._pending_due.pop_due(wm):
             imp = self.pending.pop(eid, None)
             if imp is None:
                 continue  # labelled by a click already
@@ -329,8 +394,7 @@ class LabelJoin:
             label = 0 if imp.click_ts is None else 1
             self._finish(imp, label)
             out.append(Outcome("positive" if label else "negative", eid, imp.ts, imp.raw, imp.click_ts, imp.extra))
-        while self._done_heap and self._done_heap[0][0] < wm:
-            _, eid = heapq.heappop(self._done_heap)
+        for eid in self._done_due.pop_due(wm):
             done = self.done.pop(eid, None)
             if done is not None:
                 self._unindex(done)
@@ -368,19 +432,26 @@ class LabelJoin:
 
     def restore(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Rebuild from the persisted key/value pairs written from :meth:`drain_changes`."""
+        pending: list[Pending] = []
         for key, value in items:
             prefix, name = key[:2], key[2:].decode()
             if prefix == _HIGH:
                 self.high[name] = int.from_bytes(value, "big", signed=True)
             elif prefix == _PENDING:
-                self._add_pending(_dec[_PENDING].decode(value))
+                pending.append(_dec[_PENDING].decode(value))
             elif prefix == _DONE:
                 done = _dec[_DONE].decode(value)
                 self.done[name] = done
                 self._index(done)
-                heapq.heappush(self._done_heap, (done.ts + self.window + self.late_horizon, name))
             elif prefix == _EARLY:
                 self._add_early(_dec[_EARLY].decode(value))
+        for imp in pending:  # indexed in key order, as they were read
+            self._add_pending(imp, due=False)
+        # The deadlines in time order (keys are in id order), so they go to the deques.
+        for imp in sorted(pending, key=_BY_TS):
+            self._pending_due.push(imp.ts + self.window, imp.event_id)
+        for done in sorted(self.done.values(), key=_BY_TS):
+            self._done_due.push(done.ts + self.window + self.late_horizon, done.event_id)
         self._changes.clear()
         self._created.clear()
         self._high_moved.clear()

@@ -183,7 +183,7 @@ class PartitionProcessor:
         wm = self.join.watermark
         if wm is not None:
             metrics.WATERMARK.labels(part).set(wm)
-        # The join holds each of these in memory (~600 bytes, bench/join.py): what sizes a worker.
+        # The join holds each of these in memory (~500 bytes, bench/join.py): what sizes a worker.
         metrics.PENDING.labels(part).set(len(self.join.pending))
         metrics.FINISHED.labels(part).set(len(self.join.done))
         metrics.EARLY_CLICKS.labels(part).set(len(self.join.early))

@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 
-from streamer.join import LabelJoin
+from streamer.join import Deadlines, LabelJoin
 
 W = 1_000
 T0 = 1_700_000_000_000
@@ -153,6 +153,31 @@ def test_impressions_sharing_user_and_item_stay_matchable_as_they_come_and_go():
     imp(j, "end", 10**6, user="y")
     clk(j, "end-c", 10**6, user="y", item="yy")
     assert set(j.pending) == {"end"} and j._by_user_item == {("y", "i"): "end"}
+
+
+def test_deadlines_come_out_in_deadline_then_id_order_and_skip_ids_that_are_gone():
+    live = {"a": 10, "b": 20, "c": 20, "d": 5, "e": 30, "f": 25}
+    due = Deadlines(live.get)
+    for eid in ["a", "c", "b", "d", "e", "f"]:  # d and f out of order
+        due.push(live[eid], eid)
+    assert len(due) == 6 and not due.any_due(5) and due.any_due(6)
+    del live["a"]  # labelled by a click meanwhile
+    assert due.pop_due(21) == ["d", "b", "c"]  # d from the out-of-order ones; a gone; ties by id
+    assert not due.any_due(25) and due.any_due(26)
+    assert due.pop_due(10**9) == ["f", "e"]
+    assert len(due) == 0 and not due.any_due(10**9)
+    rng = random.Random(3)  # against a plain sort, with ids going away at random
+    times = {f"x{k}": rng.randrange(1000) + k * rng.choice([0, 5]) for k in range(300)}
+    due = Deadlines(times.get)
+    for eid, t in times.items():
+        due.push(t, eid)
+    for eid in rng.sample(sorted(times), 60):
+        del times[eid]
+    got = []
+    for wm in range(0, 3000, 97):
+        got += due.pop_due(wm)
+    got += due.pop_due(10**9)
+    assert [e for e in got if e in times] == sorted(times, key=lambda e: (times[e], e))
 
 
 def test_redelivered_events_change_nothing():
