@@ -223,3 +223,11 @@ def test_late_horizon_setting_bounds_how_long_labelled_impressions_are_remembere
     assert after_late_click(None) == (["a"], ["a#corr"])
     # a horizon of W / 4 forgot it at 1.25 W: the click is an ordinary behaviour, nothing emitted
     assert after_late_click(W // 4) == ([], [])
+
+
+def test_a_click_labels_the_impression_of_its_item_in_a_request_of_several():
+    proc = PartitionProcessor(0, ReferenceStore(), settings("window_close"))
+    shown = [rec("impressions", imp(f"r1-{item}", 0, item=item, req="r1")) for item in (10, 11, 12)]
+    run(proc, [*shown, rec("clicks", clk("c", 2_000, item=11, req="r1"))])
+    res = run(proc, [rec("impressions", imp("z", 2 * W, user=2)), rec("clicks", clk("zc", 2 * W, user=3))])
+    assert {s.sample_id: s.label for s in samples_of(res)} == {"r1-10": 0, "r1-11": 1, "r1-12": 0}
