@@ -1,8 +1,9 @@
 """Event-time label join of impressions and clicks (SPEC section 5). Pure logic, no I/O.
 
 One :class:`LabelJoin` per partition. An impression waits up to the attribution window ``W`` of
-event time for its click: matched by ``request_id`` when both carry one, else by (user, item) with
-the nearest earlier impression inside ``W``. When the watermark passes ``ts + W``, the impression goes
+event time for its click, of the same (user, item): the one of the click's ``request_id`` when
+both carry one (a request shows several items, so never another request's), else the nearest
+earlier impression inside ``W``. When the watermark passes ``ts + W``, the impression goes
 out with label 1 if a click matched it, else 0 (``positives_at="window_close"``, the default), so
 samples leave in impression-time order whatever their label. ``positives_at="click"`` emits a
 positive at its click instead: fresher, but a learner then sees every positive up to ``W`` before
@@ -168,7 +169,6 @@ class LabelJoin:
         # user -> that user's early clicks (arrival order): an impression looks only at its own
         # user's, not at every click held (with allowed lateness, a partition can hold many).
         self._early_by_user: dict[str, dict[str, EarlyClick]] = {}
-        self._by_request: dict[str, str] = {}  # request_id -> impression id (pending or done)
         # (user, item) -> the impression id, or a set of them when several: most pairs have one,
         # and a set per pair was a third of the memory of a waiting impression.
         self._by_user_item: dict[tuple[str, str], str | set[str]] = {}
@@ -272,28 +272,24 @@ class LabelJoin:
         return out + self._expire()
 
     def _match(self, user: str, item: str, ts: int, request_id: str | None) -> str | None:
-        # A request shows several items: its id alone names no impression, (request, item) does.
-        # The index keeps one impression per request (the fast path when ids are per impression);
-        # the (user, item) path below finds the others.
-        if request_id is not None and request_id in self._by_request:
-            cand = self._by_request[request_id]
-            rec = self.pending.get(cand) or self.done.get(cand)
-            if rec is not None and rec.user_id == user and rec.item_id == item and rec.ts <= ts <= rec.ts + self.window:
-                return cand
-        best: tuple[int, int, str] | None = None
+        """The impression a click labels: one of the same (user, item) inside the window. A
+        request shows several items under one id, so the request id alone names none of them: it
+        ranks first the impression of the click's own request, and rules out other requests'."""
+        best: tuple[int, int, int, str] | None = None
         ids = self._by_user_item.get((user, item), ())
         for cand in (ids,) if type(ids) is str else ids:
             rec = self.pending.get(cand) or self.done[cand]
             if request_id is not None and rec.request_id not in (None, request_id):
                 continue  # a click that names its request never labels another request's impression
             if rec.ts <= ts <= rec.ts + self.window:
-                # Nearest earlier impression still waiting; an already labelled one only when
-                # none waits (that is how a late click is recognised).
+                # Then the nearest earlier impression still waiting; an already labelled one only
+                # when none waits (that is how a late click is recognised).
                 waiting = isinstance(rec, Pending) and rec.click_ts is None
-                key = (1 if waiting else 0, rec.ts, cand)
+                key = (1 if request_id is not None and rec.request_id == request_id else 0,
+                       1 if waiting else 0, rec.ts, cand)
                 if best is None or key > best:
                     best = key
-        return best[2] if best else None
+        return best[3] if best else None
 
     def _take_early_click(self, imp: Pending) -> EarlyClick | None:
         found: EarlyClick | None = None
@@ -326,8 +322,6 @@ class LabelJoin:
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _index(self, rec: Pending | Done) -> None:
-        if rec.request_id is not None:
-            self._by_request[rec.request_id] = rec.event_id
         pair, eid = (rec.user_id, rec.item_id), rec.event_id
         ids = self._by_user_item.get(pair)
         if ids is None:
@@ -339,8 +333,6 @@ class LabelJoin:
             ids.add(eid)
 
     def _unindex(self, rec: Done) -> None:
-        if rec.request_id is not None and self._by_request.get(rec.request_id) == rec.event_id:
-            del self._by_request[rec.request_id]
         pair = (rec.user_id, rec.item_id)
         ids = self._by_user_item.get(pair)
         if ids is None:
