@@ -166,9 +166,9 @@ class LabelJoin:
         self.pending: dict[str, Pending] = {}
         self.done: dict[str, Done] = {}
         self.early: dict[str, EarlyClick] = {}
-        # user -> that user's early clicks (arrival order): an impression looks only at its own
-        # user's, not at every click held (with allowed lateness, a partition can hold many).
-        self._early_by_user: dict[str, dict[str, EarlyClick]] = {}
+        # (user, item) -> its early clicks (arrival order): an impression looks only at those of
+        # its own pair, not at every click held (with allowed lateness, a partition holds many).
+        self._early_by_pair: dict[tuple[str, str], dict[str, EarlyClick]] = {}
         # (user, item) -> the impression id, or a set of them when several: most pairs have one,
         # and a set per pair was a third of the memory of a waiting impression.
         self._by_user_item: dict[tuple[str, str], str | set[str]] = {}
@@ -292,14 +292,16 @@ class LabelJoin:
         return best[3] if best else None
 
     def _take_early_click(self, imp: Pending) -> EarlyClick | None:
+        """The held click of ``imp``'s (user, item) inside its window: its request's if any, else
+        the earliest one naming no request."""
         found: EarlyClick | None = None
-        for e in self._early_by_user.get(imp.user_id, {}).values():
+        for e in self._early_by_pair.get((imp.user_id, imp.item_id), {}).values():
             if not imp.ts <= e.ts <= imp.ts + self.window:
                 continue
-            if imp.request_id is not None and e.request_id == imp.request_id and e.item_id == imp.item_id:
+            if imp.request_id is not None and e.request_id == imp.request_id:
                 found = e
                 break
-            if e.item_id == imp.item_id and e.request_id in (None, imp.request_id) and (found is None or e.ts < found.ts):
+            if e.request_id is None and (found is None or e.ts < found.ts):
                 found = e
         if found is not None:
             self._drop_early(found.event_id)
@@ -308,16 +310,17 @@ class LabelJoin:
 
     def _add_early(self, e: EarlyClick) -> None:
         self.early[e.event_id] = e
-        self._early_by_user.setdefault(e.user_id, {})[e.event_id] = e
+        self._early_by_pair.setdefault((e.user_id, e.item_id), {})[e.event_id] = e
         heapq.heappush(self._early_heap, (e.ts, e.event_id))
 
     def _drop_early(self, event_id: str) -> EarlyClick | None:
         e = self.early.pop(event_id, None)
         if e is not None:
-            mine = self._early_by_user[e.user_id]
+            pair = (e.user_id, e.item_id)
+            mine = self._early_by_pair[pair]
             del mine[event_id]
             if not mine:
-                del self._early_by_user[e.user_id]
+                del self._early_by_pair[pair]
         return e
 
     # -- bookkeeping ----------------------------------------------------------------------

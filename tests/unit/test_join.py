@@ -135,7 +135,7 @@ def test_early_clicks_of_many_users_each_label_their_own_impression_and_then_are
     assert set(j.early) == {f"c{u}-item-later" for u in range(50)}
     imp(j, "far", 100 * W, user="z")
     clk(j, "far-c", 100 * W, user="z", item="zz")  # both inputs far ahead: the watermark passes the rest
-    assert set(j.early) == {"far-c"} and list(j._early_by_user) == ["z"]
+    assert set(j.early) == {"far-c"} and list(j._early_by_pair) == [("z", "zz")]
 
 
 def test_impressions_sharing_user_and_item_stay_matchable_as_they_come_and_go():
