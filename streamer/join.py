@@ -109,7 +109,9 @@ class Deadlines:
     def __len__(self) -> int:
         return len(self._order) + len(self._late)
 
-    def push(self, deadline: int, eid: str) -> None:
+    def push(self, eid: str) -> None:
+        """Add an id whose record is in place (its deadline is read from it)."""
+        deadline = self._deadline(eid)
         if not self._order or deadline >= self._last:
             self._order.append(eid)
             self._last = deadline
@@ -350,11 +352,10 @@ class LabelJoin:
         elif not ids:
             del self._by_user_item[pair]
 
-    def _add_pending(self, imp: Pending, due: bool = True) -> None:
+    def _add_pending(self, imp: Pending) -> None:
         self.pending[imp.event_id] = imp
         self._index(imp)
-        if due:
-            self._pending_due.push(imp.ts + self.window, imp.event_id)
+        self._pending_due.push(imp.event_id)
         self._create(_PENDING + imp.event_id.encode(), imp)
 
     def _finish(self, imp: Pending, label: int, indexed: bool = True) -> None:
@@ -364,7 +365,7 @@ class LabelJoin:
         self.done[imp.event_id] = done
         if not indexed:
             self._index(done)
-        self._done_due.push(imp.ts + self.window + self.late_horizon, imp.event_id)
+        self._done_due.push(imp.event_id)
         self._create(_DONE + imp.event_id.encode(), done)
 
     def _pending_deadline(self, eid: str) -> int | None:
@@ -440,13 +441,11 @@ class LabelJoin:
                 self._index(done)
             elif prefix == _EARLY:
                 self._add_early(_dec[_EARLY].decode(value))
-        for imp in pending:  # indexed in key order, as they were read
-            self._add_pending(imp, due=False)
-        # The deadlines in time order (keys are in id order), so they go to the deques.
+        # In time order (keys come in id order), so the deadlines go to the deques, not the heaps.
         for imp in sorted(pending, key=_BY_TS):
-            self._pending_due.push(imp.ts + self.window, imp.event_id)
+            self._add_pending(imp)
         for done in sorted(self.done.values(), key=_BY_TS):
-            self._done_due.push(done.ts + self.window + self.late_horizon, done.event_id)
+            self._done_due.push(done.event_id)
         self._changes.clear()
         self._created.clear()
         self._high_moved.clear()

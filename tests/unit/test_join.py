@@ -159,8 +159,9 @@ def test_deadlines_come_out_in_deadline_then_id_order_and_skip_ids_that_are_gone
     live = {"a": 10, "b": 20, "c": 20, "d": 5, "e": 30, "f": 25}
     due = Deadlines(live.get)
     for eid in ["a", "c", "b", "d", "e", "f"]:  # d and f out of order
-        due.push(live[eid], eid)
-    assert len(due) == 6 and not due.any_due(5) and due.any_due(6)
+        due.push(eid)
+    assert len(due) == 6 and len(due._late) == 2  # only those two cost a heap entry
+    assert not due.any_due(5) and due.any_due(6)
     del live["a"]  # labelled by a click meanwhile
     assert due.pop_due(21) == ["d", "b", "c"]  # d from the out-of-order ones; a gone; ties by id
     assert not due.any_due(25) and due.any_due(26)
@@ -169,8 +170,8 @@ def test_deadlines_come_out_in_deadline_then_id_order_and_skip_ids_that_are_gone
     rng = random.Random(3)  # against a plain sort, with ids going away at random
     times = {f"x{k}": rng.randrange(1000) + k * rng.choice([0, 5]) for k in range(300)}
     due = Deadlines(times.get)
-    for eid, t in times.items():
-        due.push(t, eid)
+    for eid in times:
+        due.push(eid)
     for eid in rng.sample(sorted(times), 60):
         del times[eid]
     got = []
