@@ -2,9 +2,9 @@
 
 Labels: an impression is positive when a click with its ``request_id`` and item arrives within
 ``window_ms`` (the join's attribution window; a request shows several items); clicks without a
-request id are matched to the latest open impression of the same (user, item). The popularity baseline scores an impression by
-its item's click rate from events STRICTLY earlier (smoothed toward the global rate so far), the
-score a streaming "item CTR" model could have served.
+request id are matched to the latest open impression of the same (user, item). The popularity
+baseline scores an impression by its item's click rate from events STRICTLY earlier (smoothed
+toward the global rate so far), the score a streaming "item CTR" model could have served.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ReferenceAUCs:
         self.ts = array("q")  # impression times, to score a prefix of the stream
         self.open_by_request: dict[tuple, int] = {}  # (request id, item) -> impression
         self.open_by_pair: dict[tuple, int] = {}
-        self.open_order: deque[tuple[int, tuple, tuple, int]] = deque()
+        self.open_order: deque[tuple[int, tuple | None, tuple, int]] = deque()
         self.item_imps: dict = {}
         self.item_clicks: dict = {}
         self.total_imps = self.total_clicks = 0
@@ -91,10 +91,11 @@ class ReferenceAUCs:
         self.oracle.append(ev.true_ctr if ev.true_ctr is not None else float("nan"))
         self.labels.append(0)
         self.ts.append(ev.ts)
-        if ev.request_id is not None:
-            self.open_by_request[(ev.request_id, ev.item_id)] = idx
+        req = (ev.request_id, ev.item_id) if ev.request_id is not None else None
+        if req is not None:
+            self.open_by_request[req] = idx
         self.open_by_pair[(ev.user_id, ev.item_id)] = idx
-        self.open_order.append((ev.ts, (ev.request_id, ev.item_id), (ev.user_id, ev.item_id), idx))
+        self.open_order.append((ev.ts, req, (ev.user_id, ev.item_id), idx))
         self.pending.append((False, ev.item_id))
 
     def _apply_pending(self) -> None:
@@ -110,7 +111,7 @@ class ReferenceAUCs:
     def _expire(self, now: int) -> None:
         while self.open_order and self.open_order[0][0] + self.window_ms < now:
             _, req, pair, idx = self.open_order.popleft()
-            if req[0] is not None and self.open_by_request.get(req) == idx:
+            if req is not None and self.open_by_request.get(req) == idx:
                 del self.open_by_request[req]
             if self.open_by_pair.get(pair) == idx:
                 del self.open_by_pair[pair]
