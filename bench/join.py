@@ -7,7 +7,7 @@ and ``join.allowed_lateness_ms`` lengthens it. Every arriving impression looks a
 clicks for its own. Runs the same stream (impressions every ms of event time, 30 % clicked 1-20 s
 later, plus orphan clicks) with no lateness and with 60 s of it, in one process; the ratio shows
 whether the held clicks slow impressions down (they did: each impression scanned every held
-click, of every user, until session 11 indexed them by user). Run: ``python bench/join.py``.
+click, of every user, until session 11 indexed them by (user, item)). Run: ``python bench/join.py``.
 """
 
 from __future__ import annotations
