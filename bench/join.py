@@ -4,10 +4,11 @@ clicks held before their impressions cost.
 A click whose impression has not been read yet is held until the watermark passes it; clicks with
 no impression at all (organic clicks, an impression log that lost some) are held that long too,
 and ``join.allowed_lateness_ms`` lengthens it. Every arriving impression looks among the held
-clicks for its own. Runs the same stream (impressions every ms of event time, 30 % clicked 1-20 s
-later, plus orphan clicks) with no lateness and with 60 s of it, in one process; the ratio shows
-whether the held clicks slow impressions down (they did: each impression scanned every held
-click, of every user, until session 11 indexed them by (user, item)). Run: ``python bench/join.py``.
+clicks for its own. Runs the same stream (an impression every 5 ms of event time, 30 % clicked
+1-20 s later, plus orphan clicks) with no lateness and with 60 s of it, in one process; the ratio
+shows whether the held clicks slow impressions down (they did: each impression scanned every held
+click, of every user, until session 11 indexed them by (user, item)). Also the join's Python
+memory per waiting and per finished impression (tracemalloc). Run: ``python bench/join.py``.
 """
 
 from __future__ import annotations
